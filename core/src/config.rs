@@ -1,0 +1,175 @@
+//! Data-plane configuration shared by every role: limits and the tenants served.
+//!
+//! ```yaml
+//! limits:
+//!   max_request_bytes: 16777216     # one export request, after decompression
+//!   max_attribute_bytes: 65536      # one string attribute value; longer ones are cut
+//!   max_io_bytes: 262144            # a span's input / output text
+//! tenants:
+//!   - id: default/default
+//!     environment: dev
+//!     pricing:                      # entries that beat the built-in table
+//!       - id: my-finetune
+//!         match: "^ft:gpt-4o-mini:acme"
+//!         input: 0.3
+//!         output: 1.2
+//!         valid_from: 2025-01-01
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::PriceEntry;
+use crate::{Environment, Error, TenantId};
+
+fn default_max_request_bytes() -> usize {
+    16 << 20
+}
+fn default_max_attribute_bytes() -> usize {
+    64 << 10
+}
+fn default_max_io_bytes() -> usize {
+    256 << 10
+}
+
+/// Size bounds on what clients send.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    #[serde(default = "default_max_attribute_bytes")]
+    pub max_attribute_bytes: usize,
+    #[serde(default = "default_max_io_bytes")]
+    pub max_io_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: default_max_request_bytes(),
+            max_attribute_bytes: default_max_attribute_bytes(),
+            max_io_bytes: default_max_io_bytes(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<(), Error> {
+        let check = |field: &str, v: usize, min: usize, max: usize| {
+            if v < min || v > max {
+                Err(Error::InvalidConfig {
+                    field: format!("limits.{field}"),
+                    reason: format!("{v} is outside {min}..={max}"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        check("max_request_bytes", self.max_request_bytes, 1024, 1 << 30)?;
+        check(
+            "max_attribute_bytes",
+            self.max_attribute_bytes,
+            64,
+            64 << 20,
+        )?;
+        check("max_io_bytes", self.max_io_bytes, 64, 64 << 20)?;
+        Ok(())
+    }
+}
+
+/// One tenant (a `TraceProject`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: TenantId,
+    #[serde(default)]
+    pub environment: Environment,
+    /// Pricing entries of this project; they beat the built-in table.
+    #[serde(default)]
+    pub pricing: Vec<PriceEntry>,
+}
+
+/// The data-plane configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataPlaneConfig {
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+impl DataPlaneConfig {
+    /// Parses and validates a YAML config; errors name the field.
+    pub fn from_yaml(text: &str) -> Result<DataPlaneConfig, Error> {
+        let cfg: DataPlaneConfig =
+            serde_saphyr::from_str(text).map_err(|e| Error::InvalidConfig {
+                field: "config".into(),
+                reason: e.to_string(),
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        self.limits.validate()?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if !seen.insert(&t.id) {
+                return Err(Error::InvalidConfig {
+                    field: format!("tenants[{i}].id"),
+                    reason: format!("tenant {} is listed twice", t.id),
+                });
+            }
+            crate::pricing::PriceBook::with_overrides(t.pricing.clone()).map_err(|e| {
+                Error::InvalidConfig {
+                    field: format!("tenants[{i}].pricing"),
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The tenant's entry, if configured.
+    pub fn tenant(&self, id: &TenantId) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| &t.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let doc = include_str!("config.rs")
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```yaml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.strip_prefix("//! ").unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = DataPlaneConfig::from_yaml(&doc).unwrap();
+        assert_eq!(cfg.limits, Limits::default());
+        assert_eq!(cfg.tenants[0].id, TenantId::default_tenant());
+        assert_eq!(cfg.tenants[0].pricing[0].id, "my-finetune");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = DataPlaneConfig::from_yaml("limits:\n  max_request_bytes: 10\n").unwrap_err();
+        assert!(
+            err.to_string().contains("limits.max_request_bytes"),
+            "{err}"
+        );
+        let err = DataPlaneConfig::from_yaml("limits:\n  max_requests: 10\n").unwrap_err();
+        assert!(err.to_string().contains("max_requests"), "{err}");
+        let err = DataPlaneConfig::from_yaml("tenants:\n  - id: Bad/Id\n").unwrap_err();
+        assert!(err.to_string().contains("invalid tenant id"), "{err}");
+        let dup = "tenants:\n  - id: a/b\n  - id: a/b\n";
+        let err = DataPlaneConfig::from_yaml(dup).unwrap_err();
+        assert!(err.to_string().contains("tenants[1].id"), "{err}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Loupe core: the span model, normalization of OTLP LLM spans, pricing, tenants,
+//! limits and the storage layout shared by every role.
+
+pub mod error;
+pub mod span;
+pub mod tenant;
+
+pub use error::Error;
+pub use span::{LlmKind, SpanBatch, SpanRecord, StatusCode};
+pub use tenant::{Environment, TenantId};
+pub mod config;
+pub mod normalize;
+pub mod pricing;
+pub mod storage;

@@ -1,0 +1,239 @@
+//! Parquet blocks: spans of one tenant, sorted by (trace_id, start_ns).
+
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::datatypes::Int64Type;
+use bytes::Bytes;
+use loupe_core::span::{col, span_schema};
+use loupe_core::storage::{BLOCK_FORMAT_VERSION, BlockMeta, Storage, StorageError};
+use loupe_core::{TenantId, storage};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+/// Rows per Parquet row group: small enough that a trace lookup reads little,
+/// large enough to compress well (~8 MB of LLM spans).
+pub const ROW_GROUP_ROWS: usize = 8 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("encoding block: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// An encoded block, ready to store.
+pub struct EncodedBlock {
+    pub parquet: Bytes,
+    pub spans: u64,
+    pub traces: u64,
+    pub min_start_ns: i64,
+    pub max_start_ns: i64,
+    pub max_end_ns: i64,
+}
+
+fn writer_properties(traces: u64) -> WriterProperties {
+    let trace_id = ColumnPath::from(col::TRACE_ID);
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).expect("valid level"),
+        ))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_column_bloom_filter_enabled(trace_id.clone(), true)
+        .set_column_bloom_filter_fpp(trace_id.clone(), 0.01)
+        .set_column_bloom_filter_max_ndv(trace_id.clone(), traces.max(1))
+        // Random ids do not compress or dictionary-encode.
+        .set_column_dictionary_enabled(trace_id, false)
+        .set_column_dictionary_enabled(ColumnPath::from(col::SPAN_ID), false)
+        .set_sorting_columns(Some(vec![
+            SortingColumn {
+                column_idx: 0,
+                descending: false,
+                nulls_first: false,
+            },
+            SortingColumn {
+                column_idx: 7,
+                descending: false,
+                nulls_first: false,
+            },
+        ]))
+        .build()
+}
+
+/// Sorts the batches by (trace_id, start_ns) and encodes them as one Parquet file.
+/// CPU-heavy: call it from a blocking thread.
+pub fn encode(batches: &[RecordBatch]) -> Result<EncodedBlock, BlockError> {
+    let enc = |e: &dyn std::fmt::Display| BlockError::Encode(e.to_string());
+    let schema = span_schema();
+    let all = concat_batches(&schema, batches).map_err(|e| enc(&e))?;
+    let trace_ids = all.column(0).clone();
+    let starts = all.column(7).clone();
+    let indices = lexsort_to_indices(
+        &[
+            SortColumn {
+                values: trace_ids,
+                options: None,
+            },
+            SortColumn {
+                values: starts,
+                options: None,
+            },
+        ],
+        None,
+    )
+    .map_err(|e| enc(&e))?;
+    let sorted = take_record_batch(&all, &indices).map_err(|e| enc(&e))?;
+
+    let ids = sorted.column(0).as_fixed_size_binary();
+    let traces = (0..ids.len())
+        .filter(|&i| i == 0 || ids.value(i) != ids.value(i - 1))
+        .count() as u64;
+    let starts = sorted.column(7).as_primitive::<Int64Type>();
+    let ends = sorted.column(8).as_primitive::<Int64Type>();
+    let min_start_ns = arrow::compute::min(starts).unwrap_or(0);
+    let max_start_ns = arrow::compute::max(starts).unwrap_or(0);
+    let max_end_ns = arrow::compute::max(ends).unwrap_or(0);
+
+    let mut out = Vec::with_capacity(sorted.get_array_memory_size() / 4);
+    let mut writer = ArrowWriter::try_new(&mut out, schema, Some(writer_properties(traces)))
+        .map_err(|e| enc(&e))?;
+    writer.write(&sorted).map_err(|e| enc(&e))?;
+    writer.close().map_err(|e| enc(&e))?;
+    Ok(EncodedBlock {
+        parquet: Bytes::from(out),
+        spans: sorted.num_rows() as u64,
+        traces,
+        min_start_ns,
+        max_start_ns,
+        max_end_ns,
+    })
+}
+
+/// Encodes and stores a block holding `source` records `first..=last`, then its
+/// metadata (last, which makes it visible). Rewriting the same range writes the same
+/// paths, so a retried flush never leaves two copies.
+pub async fn write(
+    storage: &Storage,
+    tenant: &TenantId,
+    source: &str,
+    first: u64,
+    last: u64,
+    batches: Vec<RecordBatch>,
+) -> Result<BlockMeta, BlockError> {
+    let block = tokio::task::spawn_blocking(move || encode(&batches))
+        .await
+        .map_err(|e| BlockError::Encode(e.to_string()))??;
+    let block_id = storage::block_id(source, first, last);
+    let path = storage::parquet_path(tenant, &block_id);
+    let size_bytes = block.parquet.len() as u64;
+    storage.put_durable(&path, block.parquet).await?;
+    let meta = BlockMeta {
+        format_version: BLOCK_FORMAT_VERSION,
+        block_id,
+        tenant: tenant.clone(),
+        path,
+        size_bytes,
+        spans: block.spans,
+        traces: block.traces,
+        min_start_ns: block.min_start_ns,
+        max_start_ns: block.max_start_ns,
+        max_end_ns: block.max_end_ns,
+        source: source.to_owned(),
+        first_seq: first,
+        last_seq: last,
+        created_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX),
+    };
+    let json = serde_json::to_vec_pretty(&meta).expect("block metadata serializes");
+    storage
+        .put_durable(&meta.meta_path(), Bytes::from(json))
+        .await?;
+    Ok(meta)
+}
+
+/// Keeps `Arc` in scope for callers building batches.
+pub type SharedBatch = Arc<RecordBatch>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loupe_core::SpanRecord;
+    use loupe_core::span::spans_to_batch;
+    use parquet::file::properties::ReaderProperties;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::file::serialized_reader::ReadOptionsBuilder;
+
+    #[test]
+    fn blocks_are_sorted_with_bloom_filter_and_page_index() {
+        let mut spans = Vec::new();
+        for t in [9u8, 3, 7, 3] {
+            for s in [5u64, 1] {
+                spans.push(SpanRecord {
+                    trace_id: vec![t; 16],
+                    span_id: vec![(s as u8) ^ t; 8],
+                    start_ns: 1_000 * s + t as u64,
+                    end_ns: 1_000 * s + 500,
+                    name: format!("t{t}-s{s}"),
+                    ..Default::default()
+                });
+            }
+        }
+        let half = spans.split_off(4);
+        let batches = vec![
+            spans_to_batch(&spans).unwrap(),
+            spans_to_batch(&half).unwrap(),
+        ];
+        let block = encode(&batches).unwrap();
+        assert_eq!(block.spans, 8);
+        assert_eq!(block.traces, 3);
+        assert_eq!(block.min_start_ns, 1_003);
+
+        let props = ReaderProperties::builder()
+            .set_read_bloom_filter(true)
+            .build();
+        let options = ReadOptionsBuilder::new()
+            .with_reader_properties(props)
+            .build();
+        let reader =
+            SerializedFileReader::new_with_options(block.parquet.clone(), options).unwrap();
+        let rg = reader.metadata().row_group(0);
+        assert!(
+            rg.column(0).bloom_filter_offset().is_some(),
+            "trace_id has a bloom filter"
+        );
+        assert!(
+            rg.column(0).column_index_offset().is_some(),
+            "page index is written"
+        );
+        let bloom = reader.get_row_group(0).unwrap();
+        let sbbf = bloom
+            .get_column_bloom_filter(0)
+            .expect("bloom filter readable");
+        assert!(sbbf.check(&[3u8; 16][..]));
+        assert!(!sbbf.check(&[4u8; 16][..]));
+
+        let batches: Vec<_> =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(block.parquet, 1024)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let names: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                let a = b.column(3).as_string::<i32>().clone();
+                (0..a.len()).map(move |i| a.value(i).to_owned())
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "t3-s1", "t3-s1", "t3-s5", "t3-s5", "t7-s1", "t7-s5", "t9-s1", "t9-s5"
+            ]
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! OTLP/HTTP receiver: `POST /v1/traces` and the Langfuse SDK path
+//! `POST /api/public/otel/v1/traces`, protobuf or JSON, optionally gzip-compressed.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+
+use crate::ingest::{Ingest, IngestError, RETRY_AFTER};
+
+/// Paths on which OTLP/HTTP traces are accepted.
+pub const TRACE_PATHS: [&str; 2] = ["/v1/traces", "/api/public/otel/v1/traces"];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// `google.rpc.Status`, the body of OTLP/HTTP error responses.
+#[derive(Clone, PartialEq, prost::Message, serde::Serialize)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+}
+
+/// The OTLP/HTTP routes.
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    let mut router = Router::new();
+    for path in TRACE_PATHS {
+        router = router.route(path, post(export));
+    }
+    router.with_state(ingest)
+}
+
+fn error_response(encoding: Encoding, err: &IngestError) -> Response {
+    let (http, grpc) = match err {
+        IngestError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, 3),
+        IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 8),
+        IngestError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
+        IngestError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, 16),
+        IngestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 13),
+    };
+    let status = RpcStatus {
+        code: grpc,
+        message: err.to_string(),
+    };
+    let body = match encoding {
+        Encoding::Protobuf => status.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(&status).expect("status serializes"),
+    };
+    let mut response = (
+        http,
+        [(header::CONTENT_TYPE, encoding.content_type())],
+        body,
+    )
+        .into_response();
+    if matches!(err, IngestError::Unavailable(_)) {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(RETRY_AFTER.as_secs().max(1)),
+        );
+    }
+    response
+}
+
+fn encoding_of(headers: &HeaderMap) -> Result<Encoding, String> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Ok(Encoding::Protobuf),
+        "application/json" => Ok(Encoding::Json),
+        other => Err(format!(
+            "unsupported content-type {other:?}: send application/x-protobuf or application/json"
+        )),
+    }
+}
+
+/// Reads the body, decompressing gzip, and never holds more than `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngestError> {
+    let raw = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit")
+        {
+            IngestError::TooLarge {
+                size: limit + 1,
+                limit,
+            }
+        } else {
+            IngestError::InvalidArgument(format!("reading request body: {e}"))
+        }
+    })?;
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    match encoding.as_str() {
+        "identity" | "" => Ok(raw),
+        "gzip" => {
+            let mut out = Vec::with_capacity((raw.len() * 4).min(limit));
+            let mut decoder = flate2::read::GzDecoder::new(&raw[..]).take(limit as u64 + 1);
+            decoder.read_to_end(&mut out).map_err(|e| {
+                IngestError::InvalidArgument(format!("gzip body cannot be decompressed: {e}"))
+            })?;
+            if out.len() > limit {
+                return Err(IngestError::TooLarge {
+                    size: out.len(),
+                    limit,
+                });
+            }
+            Ok(Bytes::from(out))
+        }
+        other => Err(IngestError::InvalidArgument(format!(
+            "unsupported content-encoding {other:?}: send gzip or no encoding"
+        ))),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(protocol = "http"))]
+async fn export(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
+    let encoding = match encoding_of(&headers) {
+        Ok(e) => e,
+        Err(msg) => {
+            let err = IngestError::InvalidArgument(msg);
+            ingest.record_refusal("http", &err);
+            let mut r = error_response(Encoding::Json, &err);
+            *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            return r;
+        }
+    };
+    let refuse = |err: IngestError| {
+        ingest.record_refusal("http", &err);
+        error_response(encoding, &err)
+    };
+    let tenant = match ingest.authenticate(&headers) {
+        Ok(t) => t,
+        Err(e) => return refuse(e),
+    };
+    let limit = ingest.limits().max_request_bytes;
+    let bytes = match read_body(&headers, body, limit).await {
+        Ok(b) => b,
+        Err(e) => return refuse(e),
+    };
+    let request = match encoding {
+        Encoding::Protobuf => ExportTraceServiceRequest::decode(bytes.as_ref()).map_err(|e| {
+            IngestError::InvalidArgument(format!(
+                "request is not a valid OTLP protobuf ExportTraceServiceRequest: {e}"
+            ))
+        }),
+        Encoding::Json => {
+            serde_json::from_slice::<ExportTraceServiceRequest>(&bytes).map_err(|e| {
+                IngestError::InvalidArgument(format!("request is not valid OTLP JSON: {e}"))
+            })
+        }
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => return refuse(e),
+    };
+    match ingest.export(&tenant, "http", bytes.len(), request).await {
+        Ok(resp) => {
+            let body = match encoding {
+                Encoding::Protobuf => resp.encode_to_vec(),
+                Encoding::Json => serde_json::to_vec(&resp).expect("response serializes"),
+            };
+            (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, encoding.content_type())],
+                body,
+            )
+                .into_response()
+        }
+        Err(e) => error_response(encoding, &e),
+    }
+}

@@ -1,0 +1,242 @@
+//! The receive path shared by OTLP/gRPC and OTLP/HTTP: authenticate, validate,
+//! normalize, price, and hand the spans to a durable [`SpanSink`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use loupe_core::TenantId;
+use loupe_core::config::{DataPlaneConfig, Limits};
+use loupe_core::normalize::{NormalizeOptions, normalize_request};
+use loupe_core::pricing::{PriceBook, PriceOutcome};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+
+use crate::metrics::{IngestMetrics, ProtocolLabels, RejectLabels};
+use crate::sink::{SinkError, SpanSink};
+
+/// How long clients are asked to wait before retrying when the queue is busy.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why an export request was refused whole. Converted to gRPC / HTTP status codes
+/// only at the edge ([`crate::grpc`], [`crate::http`]).
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("request of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Details are logged, never sent to the client.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl IngestError {
+    fn reason(&self) -> &'static str {
+        match self {
+            IngestError::InvalidArgument(_) => "invalid",
+            IngestError::TooLarge { .. } => "too_large",
+            IngestError::Unavailable(_) => "unavailable",
+            IngestError::Unauthenticated(_) => "unauthenticated",
+            IngestError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// How requests are mapped to tenants.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// No key is required; every request belongs to this tenant (standalone on
+    /// loopback, or `--no-auth`). Keys a client sends are ignored.
+    Open { tenant: TenantId },
+}
+
+struct TenantRuntime {
+    pricing: Arc<PriceBook>,
+    normalize: NormalizeOptions,
+}
+
+/// The receive pipeline.
+pub struct Ingest {
+    sink: Arc<dyn SpanSink>,
+    limits: Limits,
+    auth: Auth,
+    tenants: HashMap<TenantId, TenantRuntime>,
+    default_tenant: TenantRuntime,
+    metrics: Arc<IngestMetrics>,
+}
+
+impl Ingest {
+    pub fn new(
+        sink: Arc<dyn SpanSink>,
+        config: &DataPlaneConfig,
+        auth: Auth,
+        metrics: Arc<IngestMetrics>,
+    ) -> Result<Ingest, loupe_core::Error> {
+        let normalize = |env: Option<&str>| NormalizeOptions {
+            max_attribute_bytes: config.limits.max_attribute_bytes,
+            max_io_bytes: config.limits.max_io_bytes,
+            default_environment: env.map(str::to_owned),
+        };
+        let mut tenants = HashMap::new();
+        for t in &config.tenants {
+            let pricing = if t.pricing.is_empty() {
+                PriceBook::builtin()
+            } else {
+                Arc::new(PriceBook::with_overrides(t.pricing.clone())?)
+            };
+            tenants.insert(
+                t.id.clone(),
+                TenantRuntime {
+                    pricing,
+                    normalize: normalize(Some(t.environment.as_str())),
+                },
+            );
+        }
+        Ok(Ingest {
+            sink,
+            limits: config.limits.clone(),
+            auth,
+            tenants,
+            default_tenant: TenantRuntime {
+                pricing: PriceBook::builtin(),
+                normalize: normalize(None),
+            },
+            metrics,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn metrics(&self) -> &IngestMetrics {
+        &self.metrics
+    }
+
+    /// Finds the tenant a request belongs to from its headers (`Authorization:
+    /// Bearer`, Basic `public:secret`, or `x-loupe-key`).
+    pub fn authenticate(&self, _headers: &http::HeaderMap) -> Result<TenantId, IngestError> {
+        match &self.auth {
+            Auth::Open { tenant } => Ok(tenant.clone()),
+        }
+    }
+
+    /// Records a request refused before it reached [`Ingest::export`].
+    pub fn record_refusal(&self, protocol: &'static str, err: &IngestError) {
+        self.metrics
+            .requests_rejected
+            .get_or_create(&RejectLabels {
+                protocol,
+                reason: err.reason(),
+            })
+            .inc();
+    }
+
+    /// Accepts an export request for `tenant`. Returns once every valid span is
+    /// durable; invalid spans are reported through OTLP partial success.
+    pub async fn export(
+        &self,
+        tenant: &TenantId,
+        protocol: &'static str,
+        request_bytes: usize,
+        request: ExportTraceServiceRequest,
+    ) -> Result<ExportTraceServiceResponse, IngestError> {
+        let started = Instant::now();
+        let labels = ProtocolLabels { protocol };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_bytes
+            .get_or_create(&labels)
+            .inc_by(request_bytes as u64);
+        let result = self.export_inner(tenant, protocol, request).await;
+        match &result {
+            Ok(_) => {
+                self.metrics
+                    .export_seconds
+                    .get_or_create(&labels)
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                if let IngestError::Internal(detail) = e {
+                    tracing::error!(%tenant, error = %detail, "export failed");
+                }
+                self.record_refusal(protocol, e);
+            }
+        }
+        result
+    }
+
+    async fn export_inner(
+        &self,
+        tenant: &TenantId,
+        protocol: &'static str,
+        request: ExportTraceServiceRequest,
+    ) -> Result<ExportTraceServiceResponse, IngestError> {
+        let rt = self.tenants.get(tenant).unwrap_or(&self.default_tenant);
+        let mut normalized = normalize_request(&request, &rt.normalize);
+        drop(request);
+        let m = &self.metrics;
+        if normalized.truncated_values > 0 {
+            m.values_truncated.inc_by(normalized.truncated_values);
+        }
+        let rejected = normalized.rejected.len();
+        if rejected > 0 {
+            m.spans_rejected
+                .get_or_create(&RejectLabels {
+                    protocol,
+                    reason: "invalid",
+                })
+                .inc_by(rejected as u64);
+        }
+        let message = describe_rejections(&normalized.rejected);
+        if normalized.spans.is_empty() && rejected > 0 {
+            return Err(IngestError::InvalidArgument(message));
+        }
+        let mut unpriced = 0;
+        for span in &mut normalized.spans {
+            if rt.pricing.apply(span) == PriceOutcome::Unpriced {
+                unpriced += 1;
+            }
+        }
+        if unpriced > 0 {
+            m.spans_unpriced.inc_by(unpriced);
+        }
+        let accepted = normalized.spans.len();
+        self.sink
+            .append(tenant, normalized.spans)
+            .await
+            .map_err(|e| match e {
+                SinkError::Unavailable(msg) => IngestError::Unavailable(msg),
+                SinkError::Internal(msg) => IngestError::Internal(msg),
+            })?;
+        m.spans_accepted
+            .get_or_create(&ProtocolLabels { protocol })
+            .inc_by(accepted as u64);
+        Ok(ExportTraceServiceResponse {
+            partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
+                rejected_spans: rejected as i64,
+                error_message: message,
+            }),
+        })
+    }
+}
+
+/// One line naming the first few rejected spans by their index in the request.
+fn describe_rejections(rejected: &[loupe_core::normalize::Rejection]) -> String {
+    const SHOWN: usize = 5;
+    let mut parts: Vec<String> = rejected
+        .iter()
+        .take(SHOWN)
+        .map(|r| format!("{}: {}", r.path, r.reason))
+        .collect();
+    if rejected.len() > SHOWN {
+        parts.push(format!("and {} more", rejected.len() - SHOWN));
+    }
+    parts.join("; ")
+}

@@ -1,0 +1,15 @@
+//! Loupe ingester: OTLP receivers (gRPC and HTTP), the receive pipeline (validate,
+//! normalize, price), the embedded write-ahead queue of standalone mode, and the
+//! Parquet block writer.
+
+pub mod block;
+pub mod grpc;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod queue;
+pub mod sink;
+pub mod wal;
+
+pub use ingest::{Auth, Ingest, IngestError};
+pub use queue::{EmbeddedQueue, QueueConfig};

@@ -1,0 +1,154 @@
+//! Prometheus metrics of the ingest path.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set of per-protocol counters; bounded: protocol × outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RejectLabels {
+    pub protocol: &'static str,
+    pub reason: &'static str,
+}
+
+/// Counters and histograms of receiving, queueing and flushing.
+pub struct IngestMetrics {
+    pub requests: Family<ProtocolLabels, Counter>,
+    pub spans_accepted: Family<ProtocolLabels, Counter>,
+    pub spans_rejected: Family<RejectLabels, Counter>,
+    pub requests_rejected: Family<RejectLabels, Counter>,
+    pub request_bytes: Family<ProtocolLabels, Counter>,
+    pub values_truncated: Counter,
+    pub spans_unpriced: Counter,
+    pub export_seconds: Family<ProtocolLabels, Histogram>,
+    pub wal_sync_seconds: Histogram,
+    pub wal_bytes_written: Counter,
+    pub head_bytes: Gauge,
+    pub blocks_written: Counter,
+    pub block_spans_written: Counter,
+    pub block_bytes_written: Counter,
+    pub flush_seconds: Histogram,
+    pub flush_errors: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl IngestMetrics {
+    /// Creates the metrics and registers them under `loupe_`.
+    pub fn new(registry: &mut Registry) -> IngestMetrics {
+        let m = IngestMetrics {
+            requests: Family::default(),
+            spans_accepted: Family::default(),
+            spans_rejected: Family::default(),
+            requests_rejected: Family::default(),
+            request_bytes: Family::default(),
+            values_truncated: Counter::default(),
+            spans_unpriced: Counter::default(),
+            export_seconds: Family::new_with_constructor(latency_histogram),
+            wal_sync_seconds: latency_histogram(),
+            wal_bytes_written: Counter::default(),
+            head_bytes: Gauge::default(),
+            blocks_written: Counter::default(),
+            block_spans_written: Counter::default(),
+            block_bytes_written: Counter::default(),
+            flush_seconds: latency_histogram(),
+            flush_errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("loupe");
+        r.register(
+            "ingest_requests",
+            "OTLP export requests received",
+            m.requests.clone(),
+        );
+        r.register(
+            "ingest_spans_accepted",
+            "Spans acknowledged as durable",
+            m.spans_accepted.clone(),
+        );
+        r.register(
+            "ingest_spans_rejected",
+            "Spans refused, by reason",
+            m.spans_rejected.clone(),
+        );
+        r.register(
+            "ingest_requests_rejected",
+            "Export requests refused whole, by reason",
+            m.requests_rejected.clone(),
+        );
+        r.register(
+            "ingest_request_bytes",
+            "Bytes of export requests received (decompressed)",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "ingest_values_truncated",
+            "Attribute, input or output values cut to the configured bound",
+            m.values_truncated.clone(),
+        );
+        r.register(
+            "ingest_spans_unpriced",
+            "LLM spans with tokens and a model that no pricing entry matched",
+            m.spans_unpriced.clone(),
+        );
+        r.register(
+            "ingest_export_seconds",
+            "Time to acknowledge an export request",
+            m.export_seconds.clone(),
+        );
+        r.register(
+            "wal_sync_seconds",
+            "Time of one group commit of the write-ahead log",
+            m.wal_sync_seconds.clone(),
+        );
+        r.register(
+            "wal_bytes_written",
+            "Bytes appended to the write-ahead log",
+            m.wal_bytes_written.clone(),
+        );
+        r.register(
+            "head_bytes",
+            "Memory held by spans not yet in a block",
+            m.head_bytes.clone(),
+        );
+        r.register(
+            "blocks_written",
+            "Parquet blocks written",
+            m.blocks_written.clone(),
+        );
+        r.register(
+            "block_spans_written",
+            "Spans written into Parquet blocks",
+            m.block_spans_written.clone(),
+        );
+        r.register(
+            "block_bytes_written",
+            "Bytes of Parquet blocks written",
+            m.block_bytes_written.clone(),
+        );
+        r.register(
+            "block_flush_seconds",
+            "Time to encode and store one block",
+            m.flush_seconds.clone(),
+        );
+        r.register(
+            "block_flush_errors",
+            "Failed block flushes (retried)",
+            m.flush_errors.clone(),
+        );
+        m
+    }
+
+    /// Metrics registered nowhere, for tests.
+    pub fn unregistered() -> IngestMetrics {
+        IngestMetrics::new(&mut Registry::default())
+    }
+}

@@ -1,0 +1,401 @@
+//! The HTTP JSON API under `/api/v1`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use loupe_core::{LlmKind, TenantId};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::engine::{QueryEngine, QueryError, SearchQuery, StatusFilter};
+
+/// Default and largest number of traces a search returns.
+pub const DEFAULT_LIMIT: usize = 20;
+pub const MAX_LIMIT: usize = 1000;
+/// Default search window when no time is given.
+pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(24 * 3600);
+
+/// How query requests are mapped to tenants.
+#[derive(Clone, Debug)]
+pub enum QueryAuth {
+    /// Every request reads this tenant (standalone on loopback, or `--no-auth`).
+    Open { tenant: TenantId },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+/// Metrics of the query API.
+pub struct QueryMetrics {
+    seconds: Family<EndpointLabels, Histogram>,
+}
+
+impl QueryMetrics {
+    pub fn new(registry: &mut Registry) -> QueryMetrics {
+        let seconds = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 15))
+        });
+        registry.sub_registry_with_prefix("loupe").register(
+            "query_seconds",
+            "Query API latency by endpoint and outcome",
+            seconds.clone(),
+        );
+        QueryMetrics { seconds }
+    }
+}
+
+struct ApiState {
+    engine: Arc<QueryEngine>,
+    auth: QueryAuth,
+    metrics: QueryMetrics,
+}
+
+/// The query API routes.
+pub fn router(engine: Arc<QueryEngine>, auth: QueryAuth, metrics: QueryMetrics) -> Router {
+    Router::new()
+        .route("/api/v1/traces", get(search))
+        .route("/api/v1/traces/{trace_id}", get(trace))
+        .with_state(Arc::new(ApiState {
+            engine,
+            auth,
+            metrics,
+        }))
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// An API error with its HTTP status.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::BadRequest(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            other => {
+                tracing::error!(error = %other, "query failed");
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "query failed; see the server log".into(),
+                )
+            }
+        }
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+impl ApiState {
+    fn tenant(&self, _headers: &HeaderMap) -> Result<TenantId, ApiError> {
+        match &self.auth {
+            QueryAuth::Open { tenant } => Ok(tenant.clone()),
+        }
+    }
+
+    fn observe(&self, endpoint: &'static str, ok: bool, started: Instant) {
+        self.metrics
+            .seconds
+            .get_or_create(&EndpointLabels {
+                endpoint,
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Parses a 32-hex-digit trace id.
+pub fn parse_trace_id(s: &str) -> Result<[u8; 16], String> {
+    let s = s.trim();
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "trace id must be 32 hexadecimal characters, got {:?}",
+            s.chars().take(64).collect::<String>()
+        ));
+    }
+    let mut out = [0u8; 16];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(out)
+}
+
+async fn trace(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(trace_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    let id = parse_trace_id(&trace_id).map_err(bad)?;
+    let result = state.engine.trace(&tenant, id).await;
+    state.observe("trace", result.is_ok(), started);
+    match result? {
+        Some(t) => Ok(axum::Json(t).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("trace {trace_id} not found"),
+        )),
+    }
+}
+
+async fn search(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    let query = parse_search(&params, now_ns())?;
+    let result = state.engine.search(&tenant, &query).await;
+    state.observe("search", result.is_ok(), started);
+    Ok(axum::Json(result?).into_response())
+}
+
+fn now_ns() -> i64 {
+    chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+/// Parameters a search accepts.
+pub const SEARCH_PARAMS: [&str; 16] = [
+    "start",
+    "end",
+    "since",
+    "service",
+    "name",
+    "llm_kind",
+    "model",
+    "status",
+    "min_duration",
+    "max_duration",
+    "min_cost",
+    "user_id",
+    "session_id",
+    "prompt_name",
+    "prompt_version",
+    "limit",
+];
+
+/// Parses search parameters; unknown names and bad values are errors naming them.
+pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQuery, ApiError> {
+    for k in p.keys() {
+        if !SEARCH_PARAMS.contains(&k.as_str()) {
+            return Err(bad(format!(
+                "unknown parameter {k:?}; accepted: {}",
+                SEARCH_PARAMS.join(", ")
+            )));
+        }
+    }
+    let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let text = |k: &str| get(k).map(str::to_owned);
+    let end_ns = match get("end") {
+        Some(v) => parse_time(v).map_err(|e| bad(format!("end: {e}")))?,
+        None => now_ns,
+    };
+    let start_ns = match (get("start"), get("since")) {
+        (Some(_), Some(_)) => return Err(bad("give either start or since, not both")),
+        (Some(v), None) => parse_time(v).map_err(|e| bad(format!("start: {e}")))?,
+        (None, Some(v)) => {
+            let d = parse_duration(v, None).map_err(|e| bad(format!("since: {e}")))?;
+            end_ns.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64)
+        }
+        (None, None) => end_ns.saturating_sub(DEFAULT_LOOKBACK.as_nanos() as i64),
+    };
+    let duration = |k: &str| -> Result<Option<i64>, ApiError> {
+        get(k)
+            .map(|v| {
+                parse_duration(v, Some(Duration::from_millis(1)))
+                    .map(|d| d.as_nanos().min(i64::MAX as u128) as i64)
+                    .map_err(|e| bad(format!("{k}: {e}")))
+            })
+            .transpose()
+    };
+    let limit = match get("limit") {
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
+            _ => return Err(bad(format!("limit must be 1..={MAX_LIMIT}, got {v:?}"))),
+        },
+        None => DEFAULT_LIMIT,
+    };
+    let llm_kind = get("llm_kind")
+        .map(|v| {
+            LlmKind::parse(v).ok_or_else(|| {
+                bad(format!(
+                    "llm_kind {v:?} is not one of {}",
+                    LlmKind::ALL.map(|k| k.as_str()).join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let status = get("status")
+        .map(|v| match v.to_ascii_lowercase().as_str() {
+            "error" => Ok(StatusFilter::Error),
+            "ok" => Ok(StatusFilter::Ok),
+            _ => Err(bad(format!("status must be error or ok, got {v:?}"))),
+        })
+        .transpose()?;
+    let min_cost_usd = get("min_cost")
+        .map(|v| match v.trim_start_matches('$').parse::<f64>() {
+            Ok(c) if c.is_finite() && c >= 0.0 => Ok(c),
+            _ => Err(bad(format!(
+                "min_cost must be a non-negative number of USD, got {v:?}"
+            ))),
+        })
+        .transpose()?;
+    Ok(SearchQuery {
+        start_ns,
+        end_ns,
+        service: text("service"),
+        name: text("name"),
+        llm_kind,
+        model: text("model"),
+        status,
+        min_duration_ns: duration("min_duration")?,
+        max_duration_ns: duration("max_duration")?,
+        min_cost_usd,
+        user_id: text("user_id"),
+        session_id: text("session_id"),
+        prompt_name: text("prompt_name"),
+        prompt_version: text("prompt_version"),
+        limit,
+    })
+}
+
+/// Parses RFC 3339 (`2026-11-21T10:00:00Z`) or Unix seconds (`1763719200`, `1763719200.5`).
+pub fn parse_time(v: &str) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        return t
+            .timestamp_nanos_opt()
+            .ok_or_else(|| format!("{v:?} is out of range"));
+    }
+    match v.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..9.2e9).contains(&secs) => Ok((secs * 1e9) as i64),
+        _ => Err(format!(
+            "{v:?} is neither an RFC 3339 time nor Unix seconds"
+        )),
+    }
+}
+
+/// Parses `250ms`, `1.5s`, `10m`, `2h`, `7d`; a bare number uses `bare_unit` if given.
+pub fn parse_duration(v: &str, bare_unit: Option<Duration>) -> Result<Duration, String> {
+    let v = v.trim();
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{v:?} is not a duration like 250ms, 2s, 5m, 1h or 7d"))?;
+    let unit_secs = match unit.trim() {
+        "ns" => 1e-9,
+        "us" | "µs" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        "" => match bare_unit {
+            Some(u) => u.as_secs_f64(),
+            None => return Err(format!("{v:?} needs a unit: ms, s, m, h or d")),
+        },
+        other => return Err(format!("unknown duration unit {other:?} in {v:?}")),
+    };
+    Duration::try_from_secs_f64(n * unit_secs).map_err(|_| format!("{v:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parses_a_full_search() {
+        let now = 10_000_000_000_000;
+        let q = parse_search(
+            &params(&[
+                ("since", "1h"),
+                ("service", "bot"),
+                ("llm_kind", "llm"),
+                ("status", "ERROR"),
+                ("min_duration", "1.5s"),
+                ("max_duration", "200"),
+                ("min_cost", "0.01"),
+                ("limit", "5"),
+            ]),
+            now,
+        )
+        .unwrap_or_else(|e| panic!("{}", e.1));
+        assert_eq!(q.end_ns, now);
+        assert_eq!(q.start_ns, now - 3_600_000_000_000);
+        assert_eq!(q.llm_kind, Some(LlmKind::Llm));
+        assert_eq!(q.status, Some(StatusFilter::Error));
+        assert_eq!(q.min_duration_ns, Some(1_500_000_000));
+        assert_eq!(q.max_duration_ns, Some(200_000_000));
+        assert_eq!(q.min_cost_usd, Some(0.01));
+        assert_eq!(q.limit, 5);
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let cases = [
+            (vec![("servce", "x")], "unknown parameter \"servce\""),
+            (vec![("limit", "0")], "limit must be"),
+            (vec![("llm_kind", "robot")], "llm_kind \"robot\""),
+            (vec![("since", "5")], "since: \"5\" needs a unit"),
+            (vec![("start", "yesterday")], "start: \"yesterday\""),
+            (vec![("min_cost", "-1")], "min_cost must be"),
+            (vec![("status", "fine")], "status must be"),
+            (
+                vec![("start", "0"), ("since", "1h")],
+                "either start or since",
+            ),
+        ];
+        for (p, want) in cases {
+            let err = parse_search(&params(&p), 0).expect_err("an error");
+            assert_eq!(err.0, StatusCode::BAD_REQUEST);
+            assert!(err.1.contains(want), "{p:?}: {}", err.1);
+        }
+    }
+
+    #[test]
+    fn parses_times_and_ids() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z").unwrap(), 1_000_000_000);
+        assert_eq!(parse_time("2.5").unwrap(), 2_500_000_000);
+        assert_eq!(
+            parse_trace_id("0102030405060708090a0b0c0d0e0f10").unwrap(),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
+        );
+        assert!(
+            parse_trace_id("0102")
+                .unwrap_err()
+                .contains("32 hexadecimal")
+        );
+        assert!(parse_trace_id(&"zz".repeat(16)).is_err());
+    }
+}

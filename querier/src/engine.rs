@@ -1,0 +1,675 @@
+//! Tenant-scoped queries with DataFusion over a tenant's Parquet blocks and the spans
+//! not yet in a block.
+//!
+//! Every query builds a session that can see exactly one tenant's data: the block
+//! files listed in that tenant's snapshot and its in-memory head. Nothing else is
+//! registered, so a query cannot reach another tenant's prefix. Values from the
+//! request travel as SQL parameters (`$1`, `$2`, …), never spliced into SQL text.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use loupe_core::span::{col, span_schema};
+use loupe_core::storage::{SpanSource, TenantSnapshot};
+use loupe_core::{LlmKind, TenantId};
+use object_store::ObjectStore;
+
+use crate::model::{SearchResponse, SpanNode, TraceSummary, TraceTotals, TraceView, ms, rfc3339};
+
+/// The URL under which the block store is registered with DataFusion.
+const STORE_URL: &str = "loupe://store/";
+
+/// Spans of one trace are looked for this far around a search's time range, so that
+/// a trace starting inside the range is summarised whole.
+const TRACE_SLACK_NS: i64 = 3_600 * 1_000_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("query failed: {0}")]
+    Engine(#[from] datafusion::error::DataFusionError),
+    #[error("query failed: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+}
+
+/// Which traces to return, by status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusFilter {
+    /// Traces with at least one span in error.
+    Error,
+    /// Traces with no span in error.
+    Ok,
+}
+
+/// A trace search. Span-level filters match a trace when any of its spans matches
+/// (each filter may be met by a different span, e.g. `user_id` on the root and
+/// `model` on an LLM child).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SearchQuery {
+    /// Traces starting in `[start_ns, end_ns)`.
+    pub start_ns: i64,
+    pub end_ns: i64,
+    pub service: Option<String>,
+    pub name: Option<String>,
+    pub llm_kind: Option<LlmKind>,
+    /// Matches the request or the response model.
+    pub model: Option<String>,
+    pub status: Option<StatusFilter>,
+    pub min_duration_ns: Option<i64>,
+    pub max_duration_ns: Option<i64>,
+    pub min_cost_usd: Option<f64>,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub prompt_name: Option<String>,
+    pub prompt_version: Option<String>,
+    pub limit: usize,
+}
+
+/// Runs queries; one per process, shared by every request.
+pub struct QueryEngine {
+    source: Arc<dyn SpanSource>,
+    runtime: Arc<RuntimeEnv>,
+    config: SessionConfig,
+}
+
+impl QueryEngine {
+    pub fn new(source: Arc<dyn SpanSource>, store: Arc<dyn ObjectStore>) -> QueryEngine {
+        let runtime = RuntimeEnvBuilder::new()
+            .build_arc()
+            .expect("default runtime env builds");
+        let url = url::Url::parse(STORE_URL).expect("static url parses");
+        runtime.register_object_store(&url, store);
+        let mut config = SessionConfig::new()
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .with_information_schema(false);
+        let opts = config.options_mut();
+        opts.execution.parquet.pushdown_filters = true;
+        opts.execution.parquet.reorder_filters = true;
+        opts.execution.parquet.bloom_filter_on_read = true;
+        opts.execution.parquet.enable_page_index = true;
+        opts.execution.parquet.schema_force_view_types = false;
+        // Per-file statistics would cost a footer read per block at planning time;
+        // pruning uses row-group statistics, the page index and bloom filters instead.
+        opts.execution.collect_statistics = false;
+        QueryEngine {
+            source,
+            runtime,
+            config,
+        }
+    }
+
+    /// A session whose `spans` table holds exactly this tenant's visible data (blocks
+    /// limited to those that may hold spans starting in `range`, when given).
+    async fn session(
+        &self,
+        snapshot: TenantSnapshot,
+        range: Option<(i64, i64)>,
+    ) -> Result<SessionContext, QueryError> {
+        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        let schema = span_schema();
+        let urls = snapshot
+            .blocks
+            .iter()
+            .filter(|b| range.is_none_or(|(s, e)| b.overlaps(s, e)))
+            .map(|b| ListingTableUrl::parse(format!("{STORE_URL}{}", b.path)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let blocks: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
+            Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
+        } else {
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(schema.clone());
+            Arc::new(ListingTable::try_new(config)?)
+        };
+        ctx.register_table("blocks", blocks)?;
+        ctx.register_table(
+            "head",
+            Arc::new(MemTable::try_new(schema, vec![snapshot.head])?),
+        )?;
+        Ok(ctx)
+    }
+
+    /// The trace with this id, or `None` when the tenant has no span of it.
+    pub async fn trace(
+        &self,
+        tenant: &TenantId,
+        trace_id: [u8; 16],
+    ) -> Result<Option<TraceView>, QueryError> {
+        let ctx = self.session(self.source.snapshot(tenant), None).await?;
+        let id = ScalarValue::FixedSizeBinary(16, Some(trace_id.to_vec()));
+        let batches = ctx
+            .sql(
+                "SELECT * FROM blocks WHERE trace_id = $1 \
+                 UNION ALL SELECT * FROM head WHERE trace_id = $1",
+            )
+            .await?
+            .with_param_values(vec![id])?
+            .collect()
+            .await?;
+        let spans = rows_to_spans(&batches)?;
+        Ok((!spans.is_empty()).then(|| build_trace(hex(&trace_id), spans)))
+    }
+
+    /// Trace summaries matching the query, newest first (ties by trace id).
+    pub async fn search(
+        &self,
+        tenant: &TenantId,
+        q: &SearchQuery,
+    ) -> Result<SearchResponse, QueryError> {
+        if q.end_ns <= q.start_ns {
+            return Err(QueryError::BadRequest(format!(
+                "empty time range: end ({}) is not after start ({})",
+                rfc3339(q.end_ns),
+                rfc3339(q.start_ns)
+            )));
+        }
+        let scan = (
+            q.start_ns.saturating_sub(TRACE_SLACK_NS),
+            q.end_ns.saturating_add(TRACE_SLACK_NS),
+        );
+        let ctx = self
+            .session(self.source.snapshot(tenant), Some(scan))
+            .await?;
+        let (sql, params) = search_sql(q, scan);
+        let batches = ctx
+            .sql(&sql)
+            .await?
+            .with_param_values(params)?
+            .collect()
+            .await?;
+        let mut traces = Vec::new();
+        for b in &batches {
+            let ids = b.column(0).as_fixed_size_binary();
+            let root_name = strings(b, "root_name")?;
+            let root_service = strings(b, "root_service")?;
+            let i = |name| ints(b, name);
+            let (start, end, count) = (i("start_ns")?, i("end_ns")?, i("span_count")?);
+            let (tin, tout, ttot) = (i("input_tokens")?, i("output_tokens")?, i("total_tokens")?);
+            let err = i("is_error")?;
+            let cost = floats(b, "cost_usd")?;
+            for r in 0..b.num_rows() {
+                let s = start.value(r);
+                let e = end.value(r);
+                traces.push(TraceSummary {
+                    trace_id: hex(ids.value(r)),
+                    totals: TraceTotals {
+                        root_name: opt_str(&root_name, r).unwrap_or_default(),
+                        root_service: opt_str(&root_service, r).unwrap_or_default(),
+                        start_time: rfc3339(s),
+                        start_ns: s,
+                        end_ns: e,
+                        duration_ms: ms(e - s),
+                        span_count: count.value(r).max(0) as u64,
+                        input_tokens: opt_i64(&tin, r).unwrap_or(0),
+                        output_tokens: opt_i64(&tout, r).unwrap_or(0),
+                        total_tokens: opt_i64(&ttot, r).unwrap_or(0),
+                        cost_usd: opt_f64(&cost, r).unwrap_or(0.0),
+                        error: err.value(r) > 0,
+                    },
+                });
+            }
+        }
+        Ok(SearchResponse {
+            traces,
+            start_ns: q.start_ns,
+            end_ns: q.end_ns,
+            limit: q.limit,
+        })
+    }
+}
+
+/// Builds the search SQL and its parameters.
+///
+/// Duplicated spans (a client retry, a replay) are folded first by (trace_id,
+/// span_id); then spans are grouped into traces; then trace-level filters apply.
+fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
+    let mut params: Vec<ScalarValue> = Vec::new();
+    let mut p = |v: ScalarValue| {
+        params.push(v);
+        format!("${}", params.len())
+    };
+    let text = |s: &String| ScalarValue::Utf8(Some(s.clone()));
+    let scan_start = p(ScalarValue::Int64(Some(scan.0)));
+    let scan_end = p(ScalarValue::Int64(Some(scan.1)));
+
+    // Span-level conditions, each turned into a per-trace "some span matches" flag.
+    let mut span_conds: Vec<String> = Vec::new();
+    if let Some(v) = &q.service {
+        span_conds.push(format!("{} = {}", col::SERVICE_NAME, p(text(v))));
+    }
+    if let Some(v) = &q.name {
+        span_conds.push(format!("{} = {}", col::NAME, p(text(v))));
+    }
+    if let Some(k) = q.llm_kind {
+        span_conds.push(format!(
+            "{} = {}",
+            col::LLM_KIND,
+            p(ScalarValue::Utf8(Some(k.as_str().to_owned())))
+        ));
+    }
+    if let Some(v) = &q.model {
+        let m = p(text(v));
+        span_conds.push(format!(
+            "({} = {m} OR {} = {m})",
+            col::REQUEST_MODEL,
+            col::RESPONSE_MODEL
+        ));
+    }
+    for (column, v) in [
+        (col::USER_ID, &q.user_id),
+        (col::SESSION_ID, &q.session_id),
+        (col::PROMPT_NAME, &q.prompt_name),
+        (col::PROMPT_VERSION, &q.prompt_version),
+    ] {
+        if let Some(v) = v {
+            span_conds.push(format!("{column} = {}", p(text(v))));
+        }
+    }
+    let flag_cols: String = span_conds
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!(", max(CASE WHEN {c} THEN 1 ELSE 0 END) AS m{i}"))
+        .collect();
+    let flag_aggs: String = (0..span_conds.len())
+        .map(|i| format!(", max(m{i}) AS m{i}"))
+        .collect();
+
+    let mut trace_conds = vec![
+        format!("start_ns >= {}", p(ScalarValue::Int64(Some(q.start_ns)))),
+        format!("start_ns < {}", p(ScalarValue::Int64(Some(q.end_ns)))),
+    ];
+    trace_conds.extend((0..span_conds.len()).map(|i| format!("m{i} = 1")));
+    match q.status {
+        Some(StatusFilter::Error) => trace_conds.push("is_error = 1".into()),
+        Some(StatusFilter::Ok) => trace_conds.push("is_error = 0".into()),
+        None => {}
+    }
+    if let Some(v) = q.min_duration_ns {
+        trace_conds.push(format!(
+            "end_ns - start_ns >= {}",
+            p(ScalarValue::Int64(Some(v)))
+        ));
+    }
+    if let Some(v) = q.max_duration_ns {
+        trace_conds.push(format!(
+            "end_ns - start_ns <= {}",
+            p(ScalarValue::Int64(Some(v)))
+        ));
+    }
+    if let Some(v) = q.min_cost_usd {
+        trace_conds.push(format!(
+            "coalesce(cost_usd, 0) >= {}",
+            p(ScalarValue::Float64(Some(v)))
+        ));
+    }
+    let limit = p(ScalarValue::Int64(Some(q.limit as i64)));
+
+    let sql = format!(
+        "WITH spans AS (\
+            SELECT * FROM blocks WHERE start_ns >= {scan_start} AND start_ns < {scan_end} \
+            UNION ALL \
+            SELECT * FROM head WHERE start_ns >= {scan_start} AND start_ns < {scan_end}), \
+         dedup AS (\
+            SELECT trace_id, span_id, \
+              max(CASE WHEN parent_span_id IS NULL THEN 1 ELSE 0 END) AS is_root, \
+              max(name) AS name, max(service_name) AS service_name, \
+              min(start_ns) AS start_ns, max(end_ns) AS end_ns, \
+              max(CASE WHEN status = 'ERROR' THEN 1 ELSE 0 END) AS is_error, \
+              max(input_tokens) AS input_tokens, max(output_tokens) AS output_tokens, \
+              max(total_tokens) AS total_tokens, max(cost_total_usd) AS cost_total_usd \
+              {flag_cols} \
+            FROM spans GROUP BY trace_id, span_id), \
+         traces AS (\
+            SELECT trace_id, min(start_ns) AS start_ns, max(end_ns) AS end_ns, \
+              count(*) AS span_count, \
+              coalesce(max(CASE WHEN is_root = 1 THEN name END), first_value(name ORDER BY start_ns)) AS root_name, \
+              coalesce(max(CASE WHEN is_root = 1 THEN service_name END), first_value(service_name ORDER BY start_ns)) AS root_service, \
+              sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
+              sum(total_tokens) AS total_tokens, sum(cost_total_usd) AS cost_usd, \
+              max(is_error) AS is_error \
+              {flag_aggs} \
+            FROM dedup GROUP BY trace_id) \
+         SELECT trace_id, start_ns, end_ns, span_count, root_name, root_service, \
+           input_tokens, output_tokens, total_tokens, cost_usd, is_error \
+         FROM traces WHERE {} \
+         ORDER BY start_ns DESC, trace_id ASC LIMIT {limit}",
+        trace_conds.join(" AND ")
+    );
+    (sql, params)
+}
+
+fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, QueryError> {
+    b.column_by_name(name)
+        .ok_or_else(|| QueryError::BadRequest(format!("internal: column {name} missing")))
+}
+
+fn strings(b: &RecordBatch, name: &str) -> Result<ArrayRef, QueryError> {
+    Ok(cast(column(b, name)?, &DataType::Utf8)?)
+}
+
+fn ints(b: &RecordBatch, name: &str) -> Result<arrow::array::Int64Array, QueryError> {
+    Ok(cast(column(b, name)?, &DataType::Int64)?
+        .as_primitive::<Int64Type>()
+        .clone())
+}
+
+fn floats(b: &RecordBatch, name: &str) -> Result<arrow::array::Float64Array, QueryError> {
+    Ok(cast(column(b, name)?, &DataType::Float64)?
+        .as_primitive::<Float64Type>()
+        .clone())
+}
+
+fn opt_str(a: &ArrayRef, r: usize) -> Option<String> {
+    let a = a.as_string::<i32>();
+    (!a.is_null(r)).then(|| a.value(r).to_owned())
+}
+
+fn opt_i64(a: &arrow::array::Int64Array, r: usize) -> Option<i64> {
+    (!a.is_null(r)).then(|| a.value(r))
+}
+
+fn opt_f64(a: &arrow::array::Float64Array, r: usize) -> Option<f64> {
+    (!a.is_null(r)).then(|| a.value(r))
+}
+
+/// Lower-case hex of an id.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn json(a: &ArrayRef, r: usize, default: serde_json::Value) -> serde_json::Value {
+    opt_str(a, r)
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(default)
+}
+
+/// Converts span rows into flat nodes, keeping the first copy of a duplicated span.
+fn rows_to_spans(batches: &[RecordBatch]) -> Result<Vec<SpanNode>, QueryError> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for b in batches {
+        let span_ids = column(b, col::SPAN_ID)?.as_fixed_size_binary().clone();
+        let parents = column(b, col::PARENT_SPAN_ID)?
+            .as_fixed_size_binary()
+            .clone();
+        let s = |name| strings(b, name);
+        let (name, service, span_kind, llm_kind, status, status_message) = (
+            s(col::NAME)?,
+            s(col::SERVICE_NAME)?,
+            s(col::SPAN_KIND)?,
+            s(col::LLM_KIND)?,
+            s(col::STATUS)?,
+            s(col::STATUS_MESSAGE)?,
+        );
+        let (provider, req_model, resp_model, cost_source, finish) = (
+            s(col::PROVIDER)?,
+            s(col::REQUEST_MODEL)?,
+            s(col::RESPONSE_MODEL)?,
+            s(col::COST_SOURCE)?,
+            s(col::FINISH_REASON)?,
+        );
+        let (user, session, prompt_name, prompt_version, env, input, output) = (
+            s(col::USER_ID)?,
+            s(col::SESSION_ID)?,
+            s(col::PROMPT_NAME)?,
+            s(col::PROMPT_VERSION)?,
+            s(col::ENVIRONMENT)?,
+            s(col::INPUT)?,
+            s(col::OUTPUT)?,
+        );
+        let (attrs, resource, scope, events, links) = (
+            s(col::ATTRIBUTES)?,
+            s(col::RESOURCE)?,
+            s(col::SCOPE)?,
+            s(col::EVENTS)?,
+            s(col::LINKS)?,
+        );
+        let i = |name| ints(b, name);
+        let (start, end) = (i(col::START_NS)?, i(col::END_NS)?);
+        let (tin, tout, ttot, tcache, treason) = (
+            i(col::INPUT_TOKENS)?,
+            i(col::OUTPUT_TOKENS)?,
+            i(col::TOTAL_TOKENS)?,
+            i(col::CACHE_READ_TOKENS)?,
+            i(col::REASONING_TOKENS)?,
+        );
+        let (cin, cout, ctot) = (
+            floats(b, col::COST_INPUT_USD)?,
+            floats(b, col::COST_OUTPUT_USD)?,
+            floats(b, col::COST_TOTAL_USD)?,
+        );
+        for r in 0..b.num_rows() {
+            let span_id = hex(span_ids.value(r));
+            if !seen.insert(span_id.clone()) {
+                continue;
+            }
+            let (st, en) = (start.value(r), end.value(r));
+            out.push(SpanNode {
+                span_id,
+                parent_span_id: (!parents.is_null(r)).then(|| hex(parents.value(r))),
+                name: opt_str(&name, r).unwrap_or_default(),
+                service_name: opt_str(&service, r).unwrap_or_default(),
+                span_kind: opt_str(&span_kind, r).unwrap_or_default(),
+                llm_kind: opt_str(&llm_kind, r).unwrap_or_default(),
+                start_ns: st,
+                end_ns: en,
+                duration_ms: ms(en - st),
+                status: opt_str(&status, r).unwrap_or_default(),
+                status_message: opt_str(&status_message, r),
+                provider: opt_str(&provider, r),
+                request_model: opt_str(&req_model, r),
+                response_model: opt_str(&resp_model, r),
+                input_tokens: opt_i64(&tin, r),
+                output_tokens: opt_i64(&tout, r),
+                total_tokens: opt_i64(&ttot, r),
+                cache_read_tokens: opt_i64(&tcache, r),
+                reasoning_tokens: opt_i64(&treason, r),
+                cost_input_usd: opt_f64(&cin, r),
+                cost_output_usd: opt_f64(&cout, r),
+                cost_total_usd: opt_f64(&ctot, r),
+                cost_source: opt_str(&cost_source, r),
+                finish_reason: opt_str(&finish, r),
+                user_id: opt_str(&user, r),
+                session_id: opt_str(&session, r),
+                prompt_name: opt_str(&prompt_name, r),
+                prompt_version: opt_str(&prompt_version, r),
+                environment: opt_str(&env, r),
+                input: opt_str(&input, r),
+                output: opt_str(&output, r),
+                attributes: json(&attrs, r, serde_json::json!({})),
+                resource: json(&resource, r, serde_json::json!({})),
+                scope: json(&scope, r, serde_json::json!({})),
+                events: json(&events, r, serde_json::json!([])),
+                links: json(&links, r, serde_json::json!([])),
+                children: Vec::new(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Nests spans under their parents (children by start time) and sums the totals.
+pub fn build_trace(trace_id: String, spans: Vec<SpanNode>) -> TraceView {
+    let mut totals = TraceTotals {
+        start_ns: i64::MAX,
+        end_ns: i64::MIN,
+        span_count: spans.len() as u64,
+        ..TraceTotals::default()
+    };
+    for s in &spans {
+        totals.start_ns = totals.start_ns.min(s.start_ns);
+        totals.end_ns = totals.end_ns.max(s.end_ns);
+        totals.input_tokens += s.input_tokens.unwrap_or(0);
+        totals.output_tokens += s.output_tokens.unwrap_or(0);
+        totals.total_tokens += s.total_tokens.unwrap_or(0);
+        totals.cost_usd += s.cost_total_usd.unwrap_or(0.0);
+        totals.error |= s.status == "ERROR";
+    }
+    totals.duration_ms = ms(totals.end_ns - totals.start_ns);
+    totals.start_time = rfc3339(totals.start_ns);
+
+    let ids: HashSet<String> = spans.iter().map(|s| s.span_id.clone()).collect();
+    let mut children: HashMap<String, Vec<SpanNode>> = HashMap::new();
+    let mut roots = Vec::new();
+    for s in spans {
+        match &s.parent_span_id {
+            Some(p) if ids.contains(p) && p != &s.span_id => {
+                children.entry(p.clone()).or_default().push(s)
+            }
+            _ => roots.push(s),
+        }
+    }
+    fn attach(node: &mut SpanNode, children: &mut HashMap<String, Vec<SpanNode>>, depth: usize) {
+        // Parent links come from clients: a cycle must not recurse forever.
+        if depth > 10_000 {
+            return;
+        }
+        if let Some(mut kids) = children.remove(&node.span_id) {
+            for k in &mut kids {
+                attach(k, children, depth + 1);
+            }
+            kids.sort_by(|a, b| (a.start_ns, &a.span_id).cmp(&(b.start_ns, &b.span_id)));
+            node.children = kids;
+        }
+    }
+    for r in &mut roots {
+        attach(r, &mut children, 0);
+    }
+    // Spans left over sit on a parent cycle: show them as roots rather than lose them.
+    for (_, mut rest) in children.drain() {
+        roots.append(&mut rest);
+    }
+    roots.sort_by(|a, b| (a.start_ns, &a.span_id).cmp(&(b.start_ns, &b.span_id)));
+    if let Some(root) = roots.first() {
+        totals.root_name = root.name.clone();
+        totals.root_service = root.service_name.clone();
+    }
+    TraceView {
+        trace_id,
+        summary: totals,
+        roots,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str, parent: Option<&str>, start: i64) -> SpanNode {
+        SpanNode {
+            span_id: id.into(),
+            parent_span_id: parent.map(Into::into),
+            name: format!("span-{id}"),
+            service_name: "svc".into(),
+            span_kind: "INTERNAL".into(),
+            llm_kind: "CHAIN".into(),
+            start_ns: start,
+            end_ns: start + 10,
+            duration_ms: 0.0,
+            status: "OK".into(),
+            status_message: None,
+            provider: None,
+            request_model: None,
+            response_model: None,
+            input_tokens: Some(1),
+            output_tokens: Some(2),
+            total_tokens: Some(3),
+            cache_read_tokens: None,
+            reasoning_tokens: None,
+            cost_input_usd: None,
+            cost_output_usd: None,
+            cost_total_usd: Some(0.5),
+            cost_source: None,
+            finish_reason: None,
+            user_id: None,
+            session_id: None,
+            prompt_name: None,
+            prompt_version: None,
+            environment: None,
+            input: None,
+            output: None,
+            attributes: serde_json::json!({}),
+            resource: serde_json::json!({}),
+            scope: serde_json::json!({}),
+            events: serde_json::json!([]),
+            links: serde_json::json!([]),
+            children: vec![],
+        }
+    }
+
+    #[test]
+    fn nests_children_by_start_and_sums_totals() {
+        let spans = vec![
+            node("c2", Some("r"), 30),
+            node("r", None, 0),
+            node("c1", Some("r"), 20),
+            node("g", Some("c1"), 25),
+        ];
+        let t = build_trace("t".into(), spans);
+        assert_eq!(t.roots.len(), 1);
+        let r = &t.roots[0];
+        assert_eq!(r.span_id, "r");
+        let kids: Vec<_> = r.children.iter().map(|c| c.span_id.as_str()).collect();
+        assert_eq!(kids, ["c1", "c2"]);
+        assert_eq!(r.children[0].children[0].span_id, "g");
+        assert_eq!(t.summary.span_count, 4);
+        assert_eq!(t.summary.total_tokens, 12);
+        assert!((t.summary.cost_usd - 2.0).abs() < 1e-9);
+        assert_eq!(t.summary.root_name, "span-r");
+        assert_eq!(t.summary.duration_ms, ms(40));
+    }
+
+    #[test]
+    fn orphans_and_cycles_become_roots_instead_of_vanishing() {
+        let spans = vec![
+            node("a", Some("missing"), 5),
+            node("x", Some("y"), 1),
+            node("y", Some("x"), 2),
+        ];
+        let t = build_trace("t".into(), spans);
+        let mut all = Vec::new();
+        fn walk(n: &SpanNode, out: &mut Vec<String>) {
+            out.push(n.span_id.clone());
+            n.children.iter().for_each(|c| walk(c, out));
+        }
+        t.roots.iter().for_each(|r| walk(r, &mut all));
+        all.sort();
+        assert_eq!(all, ["a", "x", "y"]);
+    }
+
+    #[test]
+    fn search_sql_carries_values_only_as_parameters() {
+        let q = SearchQuery {
+            start_ns: 0,
+            end_ns: 10,
+            user_id: Some("x' OR 1=1 --".into()),
+            model: Some("gpt-4o".into()),
+            limit: 5,
+            ..SearchQuery::default()
+        };
+        let (sql, params) = search_sql(&q, (0, 10));
+        assert!(!sql.contains("OR 1=1"));
+        assert!(!sql.contains("gpt-4o"));
+        assert!(params.contains(&ScalarValue::Utf8(Some("x' OR 1=1 --".into()))));
+    }
+}

@@ -1,0 +1,9 @@
+//! Loupe querier: tenant-scoped trace queries with DataFusion over Parquet blocks
+//! (plus spans not yet flushed), served as an HTTP JSON API.
+
+pub mod api;
+pub mod engine;
+pub mod model;
+
+pub use api::{QueryAuth, QueryMetrics};
+pub use engine::{QueryEngine, QueryError, SearchQuery};

@@ -1,0 +1,317 @@
+//! `loupe loadgen`: OTLP load against a Loupe endpoint, reporting spans/s, MB/s and
+//! export latency percentiles, with a progress line every second.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Mutex;
+
+use crate::client::{Exporter, Protocol};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// OTLP endpoint (gRPC `http://127.0.0.1:4317`, HTTP `http://127.0.0.1:4318`).
+    #[arg(long, default_value = "http://127.0.0.1:4317")]
+    endpoint: String,
+    #[arg(long, value_enum, default_value = "grpc")]
+    protocol: Protocol,
+    /// Concurrent exporters.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Spans per export request.
+    #[arg(long, default_value_t = 200)]
+    batch: usize,
+    /// Spans per trace.
+    #[arg(long, default_value_t = 10)]
+    spans_per_trace: usize,
+    /// Approximate bytes of attributes per span (prompt text and metadata).
+    #[arg(long, default_value_t = 1024)]
+    attr_bytes: usize,
+    /// How long to run (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stop after this many spans (whichever comes first with --duration).
+    #[arg(long)]
+    total_spans: Option<u64>,
+    /// Print the final report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    loupe_querier::api::parse_duration(s, None)
+}
+
+fn kv(key: &str, value: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+fn s(v: &str) -> any_value::Value {
+    any_value::Value::StringValue(v.into())
+}
+
+/// A request of `batch` spans in traces of `spans_per_trace`; ids are filled per send.
+fn template(args: &Args) -> ExportTraceServiceRequest {
+    const WORDS: &str = "the retrieval step returned five passages about the refund policy and the model summarised them for the customer ";
+    let filler: String = WORDS
+        .chars()
+        .cycle()
+        .take(args.attr_bytes.saturating_sub(400))
+        .collect();
+    let spans = (0..args.batch)
+        .map(|i| {
+            let root = i % args.spans_per_trace == 0;
+            let mut attributes = vec![
+                kv(
+                    "openinference.span.kind",
+                    s(if root { "CHAIN" } else { "LLM" }),
+                ),
+                kv("user.id", s("loadgen-user")),
+                kv("session.id", s("loadgen-session")),
+            ];
+            if !root {
+                attributes.extend([
+                    kv("llm.model_name", s("gpt-4o-mini")),
+                    kv("llm.provider", s("openai")),
+                    kv("llm.token_count.prompt", any_value::Value::IntValue(1200)),
+                    kv(
+                        "llm.token_count.completion",
+                        any_value::Value::IntValue(180),
+                    ),
+                    kv("llm.input_messages.0.message.role", s("user")),
+                    kv("llm.input_messages.0.message.content", s(&filler)),
+                    kv("llm.output_messages.0.message.role", s("assistant")),
+                    kv(
+                        "llm.output_messages.0.message.content",
+                        s("Refunds are issued within 14 days."),
+                    ),
+                ]);
+            } else {
+                attributes.push(kv("input.value", s(&filler)));
+            }
+            Span {
+                name: if root {
+                    "rag.query".into()
+                } else {
+                    "llm.chat".into()
+                },
+                kind: if root { 2 } else { 3 },
+                attributes,
+                status: Some(Status::default()),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    kv("service.name", s("loadgen")),
+                    kv("deployment.environment.name", s("dev")),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "loupe-loadgen".into(),
+                    ..Default::default()
+                }),
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// Gives every trace in the request fresh random ids and current timestamps.
+fn refresh(req: &mut ExportTraceServiceRequest, spans_per_trace: usize, rng: &mut impl Rng) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let spans = &mut req.resource_spans[0].scope_spans[0].spans;
+    let mut trace_id = [0u8; 16];
+    let mut root_id = [0u8; 8];
+    for (i, span) in spans.iter_mut().enumerate() {
+        if i % spans_per_trace == 0 {
+            rng.fill(&mut trace_id);
+            rng.fill(&mut root_id);
+            trace_id[0] |= 1;
+            root_id[0] |= 1;
+        }
+        let mut id = [0u8; 8];
+        rng.fill(&mut id);
+        id[0] |= 1;
+        span.trace_id = trace_id.to_vec();
+        if i % spans_per_trace == 0 {
+            span.span_id = root_id.to_vec();
+            span.parent_span_id.clear();
+            span.start_time_unix_nano = now;
+            span.end_time_unix_nano = now + 900_000_000;
+        } else {
+            span.span_id = id.to_vec();
+            span.parent_span_id = root_id.to_vec();
+            let offset = (i % spans_per_trace) as u64 * 50_000_000;
+            span.start_time_unix_nano = now + offset;
+            span.end_time_unix_nano = now + offset + 40_000_000;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    spans: AtomicU64,
+    bytes: AtomicU64,
+    errors: AtomicU64,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(
+        args.spans_per_trace > 0,
+        "--spans-per-trace must be at least 1"
+    );
+    let template = Arc::new(template(&args));
+    let totals = Arc::new(Totals::default());
+    let histogram = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds"),
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let last_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let started = Instant::now();
+
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let mut exporter = Exporter::connect(&args.endpoint, args.protocol)
+            .await
+            .context("loadgen cannot connect")?;
+        let (template, totals, histogram, stop, last_error) = (
+            template.clone(),
+            totals.clone(),
+            histogram.clone(),
+            stop.clone(),
+            last_error.clone(),
+        );
+        let (spt, limit, deadline) = (args.spans_per_trace, args.total_spans, args.duration);
+        workers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let mut local = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < deadline {
+                if limit.is_some_and(|l| totals.spans.load(Ordering::Relaxed) >= l) {
+                    break;
+                }
+                let mut req = (*template).clone();
+                refresh(&mut req, spt, &mut rng);
+                let n = req.resource_spans[0].scope_spans[0].spans.len() as u64;
+                let bytes = req.encoded_len() as u64;
+                let t0 = Instant::now();
+                match exporter.export(req).await {
+                    Ok(_) => {
+                        let _ = local.record(t0.elapsed().as_micros() as u64);
+                        totals.spans.fetch_add(n, Ordering::Relaxed);
+                        totals.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        totals.errors.fetch_add(1, Ordering::Relaxed);
+                        *last_error.lock().expect("lock") = Some(format!("{e:#}"));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            let _ = histogram.lock().await.add(&local);
+        }));
+    }
+
+    let progress = {
+        let (totals, stop) = (totals.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last = (0u64, 0u64, Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let spans = totals.spans.load(Ordering::Relaxed);
+                let bytes = totals.bytes.load(Ordering::Relaxed);
+                let dt = last.2.elapsed().as_secs_f64();
+                eprintln!(
+                    "[{:>4.0}s] {:>9.0} spans/s {:>7.1} MB/s  total {spans} spans  errors {}",
+                    started.elapsed().as_secs_f64(),
+                    (spans - last.0) as f64 / dt,
+                    (bytes - last.1) as f64 / dt / 1e6,
+                    totals.errors.load(Ordering::Relaxed)
+                );
+                last = (spans, bytes, Instant::now());
+            }
+        })
+    };
+
+    for w in workers {
+        w.await?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    progress.abort();
+    let elapsed = started.elapsed().as_secs_f64();
+    let h = histogram.lock().await;
+    let spans = totals.spans.load(Ordering::Relaxed);
+    let bytes = totals.bytes.load(Ordering::Relaxed);
+    let errors = totals.errors.load(Ordering::Relaxed);
+    let report = serde_json::json!({
+        "protocol": format!("{:?}", args.protocol).to_lowercase(),
+        "concurrency": args.concurrency,
+        "batch": args.batch,
+        "attr_bytes": args.attr_bytes,
+        "seconds": elapsed,
+        "spans": spans,
+        "requests": h.len(),
+        "errors": errors,
+        "spans_per_sec": spans as f64 / elapsed,
+        "mb_per_sec": bytes as f64 / elapsed / 1e6,
+        "bytes_per_span": bytes.checked_div(spans).unwrap_or(0),
+        "latency_ms": {
+            "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
+            "p95": h.value_at_quantile(0.95) as f64 / 1000.0,
+            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": h.max() as f64 / 1000.0,
+        }
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{spans} spans in {elapsed:.1} s: {:.0} spans/s, {:.1} MB/s ({} B/span), {} requests, {errors} errors",
+            report["spans_per_sec"].as_f64().unwrap_or(0.0),
+            report["mb_per_sec"].as_f64().unwrap_or(0.0),
+            report["bytes_per_span"],
+            h.len()
+        );
+        println!(
+            "export latency: p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
+            report["latency_ms"]["p50"],
+            report["latency_ms"]["p95"],
+            report["latency_ms"]["p99"],
+            report["latency_ms"]["max"]
+        );
+    }
+    if let Some(e) = last_error.lock().expect("lock").take() {
+        eprintln!("last error: {e}");
+    }
+    if spans == 0 {
+        anyhow::bail!("no export succeeded");
+    }
+    Ok(())
+}

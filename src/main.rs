@@ -1,0 +1,146 @@
+//! `loupe`: one binary, one subcommand per role (the Tempo/Loki model).
+
+mod client;
+mod demo;
+mod loadgen;
+mod standalone;
+mod traces_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "loupe",
+    version,
+    about = "Loupe: a Kubernetes-native trace platform for LLM applications",
+    long_about = "Loupe records every step of every LLM request (retrieval, embedding, LLM calls, \
+tools, agent iterations) as OpenTelemetry traces with model, tokens, cost and prompts, \
+and lets you find and compare them.\n\nStart with `loupe standalone --demo`."
+)]
+struct Cli {
+    /// Log format: `text` for terminals, `json` for clusters.
+    #[arg(long, global = true, env = "LOUPE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole data plane in one process: OTLP receivers, an embedded durable
+    /// queue, Parquet storage in a local directory, and the query API.
+    Standalone(Box<standalone::Args>),
+    /// Send realistic demo LLM traces to a running Loupe over OTLP.
+    Demo(demo_cmd::Args),
+    /// Read traces from a running Loupe.
+    Traces(Box<traces_cmd::Args>),
+    /// Generate OTLP load against a Loupe endpoint and report spans/s, MB/s and latency.
+    Loadgen(loadgen::Args),
+}
+
+mod demo_cmd {
+    use std::time::{Duration, SystemTime};
+
+    use crate::client::{Exporter, Protocol};
+    use crate::demo::{DemoOptions, generate};
+
+    #[derive(clap::Args)]
+    pub struct Args {
+        /// OTLP endpoint: gRPC `http://host:4317`, or HTTP `http://host:4318`.
+        #[arg(long, default_value = "http://127.0.0.1:4317")]
+        pub endpoint: String,
+        #[arg(long, value_enum, default_value = "grpc")]
+        pub protocol: Protocol,
+        /// Number of traces to send.
+        #[arg(long, default_value_t = 200)]
+        pub traces: usize,
+        /// Spread trace start times over this many past hours.
+        #[arg(long, default_value_t = 2.0)]
+        pub hours: f64,
+        /// Random seed; the same seed sends the same traces.
+        #[arg(long, default_value_t = 42)]
+        pub seed: u64,
+    }
+
+    /// Sends demo traces; returns how many traces and spans were accepted.
+    pub async fn send(args: &Args) -> anyhow::Result<(usize, usize)> {
+        let opts = DemoOptions {
+            traces: args.traces,
+            seed: args.seed,
+            spread: Duration::from_secs_f64(args.hours.max(0.0) * 3600.0),
+            now: SystemTime::now(),
+        };
+        let (requests, traces) = generate(&opts, 512);
+        let mut exporter = Exporter::connect(&args.endpoint, args.protocol).await?;
+        let mut spans = 0;
+        for req in requests {
+            let n: usize = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            exporter.export(req).await?;
+            spans += n;
+        }
+        Ok((traces.len(), spans))
+    }
+
+    pub async fn run(args: Args) -> anyhow::Result<()> {
+        let (traces, spans) = send(&args).await?;
+        println!(
+            "sent {traces} demo traces ({spans} spans) to {}",
+            args.endpoint
+        );
+        Ok(())
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LOUPE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,datafusion=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Standalone(args) => standalone::run(*args).await,
+            Command::Demo(args) => demo_cmd::run(args).await,
+            Command::Traces(args) => traces_cmd::run(*args).await,
+            Command::Loadgen(args) => loadgen::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

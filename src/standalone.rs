@@ -1,0 +1,239 @@
+//! `loupe standalone`: every data-plane role in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::http::header;
+use axum::routing::get;
+use loupe_core::TenantId;
+use loupe_core::config::DataPlaneConfig;
+use loupe_core::storage::Storage;
+use loupe_ingester::metrics::IngestMetrics;
+use loupe_ingester::{Auth, EmbeddedQueue, Ingest, QueueConfig};
+use loupe_querier::{QueryAuth, QueryEngine, QueryMetrics};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Directory for the write-ahead log and, unless --storage says otherwise, blocks.
+    #[arg(long, env = "LOUPE_DATA_DIR", default_value = "./loupe-data")]
+    pub data_dir: PathBuf,
+    /// Where Parquet blocks go: a directory or a `file://` URL (default: <data-dir>/blocks).
+    #[arg(long, env = "LOUPE_STORAGE")]
+    pub storage: Option<String>,
+    /// OTLP/gRPC listen address.
+    #[arg(long, env = "LOUPE_GRPC_ADDR", default_value = "127.0.0.1:4317")]
+    pub grpc_addr: SocketAddr,
+    /// OTLP/HTTP listen address.
+    #[arg(long, env = "LOUPE_HTTP_ADDR", default_value = "127.0.0.1:4318")]
+    pub http_addr: SocketAddr,
+    /// Query API listen address (also serves /metrics and /health).
+    #[arg(long, env = "LOUPE_QUERY_ADDR", default_value = "127.0.0.1:3000")]
+    pub query_addr: SocketAddr,
+    /// Data-plane config file (YAML): limits and tenants' pricing overrides.
+    #[arg(long, env = "LOUPE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Longest time accepted spans wait in memory before they are written as a block.
+    #[arg(long, env = "LOUPE_FLUSH_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+    /// Memory of not-yet-flushed spans that triggers an early flush, in MiB.
+    #[arg(long, env = "LOUPE_FLUSH_MIB", default_value_t = 256)]
+    pub flush_mib: usize,
+    /// Serve on a non-loopback address without authentication (every request goes to
+    /// the default project). Without it, standalone refuses to listen beyond loopback.
+    #[arg(long)]
+    pub no_auth: bool,
+    /// After start, send realistic demo LLM traces through real OTLP export.
+    #[arg(long)]
+    pub demo: bool,
+    /// Number of demo traces to send with --demo.
+    #[arg(long, default_value_t = 200)]
+    pub demo_traces: usize,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    loupe_querier::api::parse_duration(s, None)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr} (is another Loupe running? choose another address with the flag)"))?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let non_loopback: Vec<SocketAddr> = [args.grpc_addr, args.http_addr, args.query_addr]
+        .into_iter()
+        .filter(|a| !a.ip().is_loopback())
+        .collect();
+    if !non_loopback.is_empty() {
+        if !args.no_auth {
+            bail!(
+                "standalone is bound to a non-loopback address ({}) and would serve traces without a key; \
+                 pass --no-auth to accept that (every request then reads and writes the default project)",
+                non_loopback
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        tracing::warn!(addresses = ?non_loopback, "AUTHENTICATION IS OFF: anyone who can reach these addresses can read and write traces (--no-auth)");
+    }
+
+    let config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            DataPlaneConfig::from_yaml(&text)
+                .with_context(|| format!("invalid config {}", path.display()))?
+        }
+        None => DataPlaneConfig::default(),
+    };
+
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    let storage_location = args
+        .storage
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("blocks").display().to_string());
+    let storage = Storage::open(&storage_location)?;
+
+    let mut registry = Registry::default();
+    let ingest_metrics = Arc::new(IngestMetrics::new(&mut registry));
+    let query_metrics = QueryMetrics::new(&mut registry);
+
+    let mut queue_config = QueueConfig::new(args.data_dir.join("wal"));
+    queue_config.flush_interval = args.flush_interval;
+    queue_config.flush_bytes = args.flush_mib << 20;
+    queue_config.max_head_bytes = (args.flush_mib << 20).saturating_mul(4);
+    let queue = EmbeddedQueue::open(queue_config, storage.clone(), ingest_metrics.clone())
+        .await
+        .context("cannot open the embedded queue")?;
+
+    let tenant = TenantId::default_tenant();
+    let ingest = Arc::new(Ingest::new(
+        Arc::new(queue.clone()),
+        &config,
+        Auth::Open {
+            tenant: tenant.clone(),
+        },
+        ingest_metrics,
+    )?);
+    let engine = Arc::new(QueryEngine::new(
+        Arc::new(queue.clone()),
+        storage.object_store(),
+    ));
+
+    let registry = Arc::new(Mutex::new(registry));
+    let query_router =
+        loupe_querier::api::router(engine, QueryAuth::Open { tenant }, query_metrics)
+            .route("/health", get(|| async { "ok\n" }))
+            .route(
+                "/metrics",
+                get(move || {
+                    let registry = registry.clone();
+                    async move {
+                        let mut out = String::new();
+                        let r = registry.lock().expect("metrics lock");
+                        prometheus_client::encoding::text::encode(&mut out, &r)
+                            .expect("writing to a String cannot fail");
+                        (
+                            [(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            out,
+                        )
+                    }
+                }),
+            );
+
+    let (grpc_listener, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
+    let (http_listener, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
+    let (query_listener, query_local) = bind(args.query_addr, "the query API").await?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serve = |listener: TcpListener, router: Router| {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        })
+    };
+    let servers = [
+        serve(grpc_listener, loupe_ingester::grpc::router(ingest.clone())),
+        serve(http_listener, loupe_ingester::http::router(ingest.clone())),
+        serve(query_listener, query_router),
+    ];
+
+    // Tests and scripts read these lines to find the ports.
+    say(&format!(
+        "loupe standalone is running\n  otlp-grpc  {grpc_local}\n  otlp-http  http://{http_local}/v1/traces\n  \
+         query-api  http://{query_local}/api/v1/traces\n  data       {}\n  storage    {}",
+        args.data_dir.display(),
+        storage.url()
+    ));
+
+    if args.demo {
+        let demo = crate::demo_cmd::Args {
+            endpoint: format!("http://{grpc_local}"),
+            protocol: crate::client::Protocol::Grpc,
+            traces: args.demo_traces,
+            hours: 2.0,
+            seed: rand::random(),
+        };
+        let query = query_local;
+        tokio::spawn(async move {
+            match crate::demo_cmd::send(&demo).await {
+                Ok((traces, spans)) => say(&format!(
+                    "demo: sent {traces} traces ({spans} spans); try `cargo run --release -- traces search --url http://{query} --since 3h`"
+                )),
+                Err(e) => eprintln!("demo: sending traces failed: {e:#}"),
+            }
+        });
+    }
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing requests and flushing blocks");
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    queue.shutdown().await.context("final flush failed; spans remain in the write-ahead log and are replayed on the next start")?;
+    Ok(())
+}
+
+/// Prints a line for the person (or script) that started the server. A closed stdout
+/// (`loupe standalone | head`) must not bring the server down, so errors are ignored.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,9 @@
+//! Black-box tests: they start the real `loupe` binary on free loopback ports and talk
+//! to it with real OTLP clients (Rust tonic/reqwest, and the Python OpenTelemetry SDK).
+
+mod bad_input;
+mod cli;
+mod durability;
+mod harness;
+mod otlp;
+mod python_sdk;
