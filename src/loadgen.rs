@@ -42,6 +42,16 @@ pub struct Args {
     /// Stop after this many spans (whichever comes first with --duration).
     #[arg(long)]
     total_spans: Option<u64>,
+    /// After ingesting, measure trace-by-id latency against this query API
+    /// (e.g. `http://127.0.0.1:3000`) on traces the run sent.
+    #[arg(long)]
+    query_url: Option<String>,
+    /// Number of trace-by-id requests for the query measurement.
+    #[arg(long, default_value_t = 1000)]
+    query_samples: usize,
+    /// Send nothing; measure trace-by-id on traces found by a search (needs --query-url).
+    #[arg(long, requires = "query_url")]
+    skip_ingest: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     json: bool,
@@ -176,9 +186,115 @@ struct Totals {
     spans: AtomicU64,
     bytes: AtomicU64,
     errors: AtomicU64,
+    /// A sample of acknowledged trace ids (hex), for the query measurement.
+    sent: std::sync::Mutex<Vec<String>>,
+}
+
+const MAX_SAMPLED_IDS: usize = 100_000;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Measures trace-by-id latency on `ids`; returns the report.
+async fn measure_queries(
+    url: &str,
+    ids: &[String],
+    samples: usize,
+    spans_per_trace: Option<usize>,
+) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(!ids.is_empty(), "no trace ids to query");
+    let client = reqwest::Client::new();
+    let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+    let mut errors = 0u64;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    let base = url.trim_end_matches('/');
+    for i in 0..samples {
+        let id = &ids[rng.random_range(0..ids.len())];
+        let t0 = Instant::now();
+        let r = client
+            .get(format!("{base}/api/v1/traces/{id}"))
+            .send()
+            .await;
+        let ok = match r {
+            Ok(r) if r.status().is_success() => {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                spans_per_trace.is_none_or(|n| v["span_count"] == n)
+            }
+            _ => false,
+        };
+        let _ = h.record(t0.elapsed().as_micros() as u64);
+        if !ok {
+            errors += 1;
+        }
+        if (i + 1) % 250 == 0 {
+            eprintln!(
+                "[query] {}/{samples} trace-by-id requests, p99 so far {:.1} ms",
+                i + 1,
+                h.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
+    }
+    Ok(serde_json::json!({
+        "requests": samples,
+        "errors": errors,
+        "latency_ms": {
+            "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
+            "p95": h.value_at_quantile(0.95) as f64 / 1000.0,
+            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": h.max() as f64 / 1000.0,
+        }
+    }))
+}
+
+/// Trace ids of the load generator's service, found by a search.
+async fn search_ids(url: &str) -> anyhow::Result<Vec<String>> {
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/traces", url.trim_end_matches('/')))
+        .query(&[("start", "0"), ("limit", "1000"), ("service", "loadgen")])
+        .send()
+        .await
+        .context("cannot reach the query API")?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(body["traces"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["trace_id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn print_query_report(q: &serde_json::Value) {
+    println!(
+        "trace by id: {} requests, {} errors, p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
+        q["requests"],
+        q["errors"],
+        q["latency_ms"]["p50"],
+        q["latency_ms"]["p95"],
+        q["latency_ms"]["p99"],
+        q["latency_ms"]["max"]
+    );
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.skip_ingest {
+        let url = args
+            .query_url
+            .as_deref()
+            .expect("clap requires --query-url");
+        let ids = search_ids(url).await?;
+        let q = measure_queries(url, &ids, args.query_samples, None).await?;
+        if args.json {
+            println!("{}", serde_json::json!({ "query": q }));
+        } else {
+            print_query_report(&q);
+        }
+        return Ok(());
+    }
     anyhow::ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
     anyhow::ensure!(
@@ -216,6 +332,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 let mut req = (*template).clone();
                 refresh(&mut req, spt, &mut rng);
+                let first_trace = hex(&req.resource_spans[0].scope_spans[0].spans[0].trace_id);
                 let n = req.resource_spans[0].scope_spans[0].spans.len() as u64;
                 let bytes = req.encoded_len() as u64;
                 let t0 = Instant::now();
@@ -224,6 +341,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         let _ = local.record(t0.elapsed().as_micros() as u64);
                         totals.spans.fetch_add(n, Ordering::Relaxed);
                         totals.bytes.fetch_add(bytes, Ordering::Relaxed);
+                        let mut sent = totals.sent.lock().expect("lock");
+                        if sent.len() < MAX_SAMPLED_IDS {
+                            sent.push(first_trace);
+                        }
                     }
                     Err(e) => {
                         totals.errors.fetch_add(1, Ordering::Relaxed);
@@ -270,7 +391,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let spans = totals.spans.load(Ordering::Relaxed);
     let bytes = totals.bytes.load(Ordering::Relaxed);
     let errors = totals.errors.load(Ordering::Relaxed);
-    let report = serde_json::json!({
+    let mut report = serde_json::json!({
         "protocol": format!("{:?}", args.protocol).to_lowercase(),
         "concurrency": args.concurrency,
         "batch": args.batch,
@@ -289,6 +410,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "max": h.max() as f64 / 1000.0,
         }
     });
+    let query = match &args.query_url {
+        Some(url) if spans > 0 => {
+            let ids = std::mem::take(&mut *totals.sent.lock().expect("lock"));
+            // Only whole traces are checked: a request ends on a trace boundary when
+            // batch is a multiple of spans_per_trace.
+            let check = args
+                .batch
+                .is_multiple_of(args.spans_per_trace)
+                .then_some(args.spans_per_trace);
+            Some(measure_queries(url, &ids, args.query_samples, check).await?)
+        }
+        _ => None,
+    };
+    if let Some(q) = &query {
+        report["query"] = q.clone();
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -306,6 +443,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             report["latency_ms"]["p99"],
             report["latency_ms"]["max"]
         );
+        if let Some(q) = &query {
+            print_query_report(q);
+        }
     }
     if let Some(e) = last_error.lock().expect("lock").take() {
         eprintln!("last error: {e}");

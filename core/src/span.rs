@@ -342,13 +342,17 @@ fn empty_as_null(s: &str) -> Option<&str> {
 ///
 /// Ids were validated at ingest; an id of another length (which only a corrupted queue
 /// entry could carry) is reported as an error instead of panicking.
-pub fn spans_to_batch<'a, I>(spans: I) -> Result<RecordBatch, crate::Error>
-where
-    I: IntoIterator<Item = &'a SpanRecord>,
-    I::IntoIter: ExactSizeIterator,
-{
-    let spans = spans.into_iter();
+///
+/// The large text columns are allocated to their exact size, so that the batch's
+/// memory size (which drives flushing and backpressure) is what the spans need.
+pub fn spans_to_batch(spans: &[SpanRecord]) -> Result<RecordBatch, crate::Error> {
     let n = spans.len();
+    let exact =
+        |f: fn(&SpanRecord) -> usize| StringBuilder::with_capacity(n, spans.iter().map(f).sum());
+    // Empty JSON fields are stored as "{}" or "[]".
+    fn json_len(s: &str) -> usize {
+        s.len().max(2)
+    }
     let mut trace_id = FixedSizeBinaryBuilder::with_capacity(n, 16);
     let mut span_id = FixedSizeBinaryBuilder::with_capacity(n, 8);
     let mut parent = FixedSizeBinaryBuilder::with_capacity(n, 8);
@@ -365,9 +369,24 @@ where
         (str_builder(), str_builder(), str_builder());
     let mut ints: [Int64Builder; 5] = std::array::from_fn(|_| Int64Builder::with_capacity(n));
     let mut floats: [Float64Builder; 3] = std::array::from_fn(|_| Float64Builder::with_capacity(n));
-    let mut opt_strs: [StringBuilder; 9] = std::array::from_fn(|_| str_builder());
-    let mut json_strs: [StringBuilder; 5] =
-        std::array::from_fn(|_| StringBuilder::with_capacity(n, n * 256));
+    let mut opt_strs: [StringBuilder; 9] = [
+        str_builder(),
+        str_builder(),
+        str_builder(),
+        str_builder(),
+        str_builder(),
+        str_builder(),
+        str_builder(),
+        exact(|s| s.input.as_ref().map_or(0, String::len)),
+        exact(|s| s.output.as_ref().map_or(0, String::len)),
+    ];
+    let mut json_strs: [StringBuilder; 5] = [
+        exact(|s| json_len(&s.attributes)),
+        exact(|s| json_len(&s.resource)),
+        exact(|s| json_len(&s.scope)),
+        exact(|s| json_len(&s.events)),
+        exact(|s| json_len(&s.links)),
+    ];
 
     for s in spans {
         let bad_id = |what: &str, len: usize| {

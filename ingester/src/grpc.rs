@@ -1,7 +1,7 @@
 //! OTLP/gRPC receiver (`opentelemetry.proto.collector.trace.v1.TraceService/Export`).
 //!
 //! tonic does the gRPC framing, gzip and the size bound; the request message is handed
-//! over as bytes and decoded here with prost, so that a malformed message is answered
+//! to [`Ingest`] as bytes and decoded there, so that a malformed message is answered
 //! INVALID_ARGUMENT naming the problem (tonic's generated code answers INTERNAL).
 
 use std::sync::Arc;
@@ -11,14 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::{Buf, Bytes};
 use futures::future::BoxFuture;
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
-use crate::ingest::{Ingest, IngestError, RETRY_AFTER};
+use crate::ingest::{Ingest, IngestError, Payload, RETRY_AFTER};
 
 /// The gRPC method path of OTLP trace export.
 pub const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -112,14 +110,8 @@ impl tonic::server::UnaryService<Bytes> for ExportMethod {
                 status(&e)
             };
             let tenant = ingest.authenticate(&headers).map_err(refuse)?;
-            let bytes = request.into_inner();
-            let message = ExportTraceServiceRequest::decode(bytes.as_ref()).map_err(|e| {
-                refuse(IngestError::InvalidArgument(format!(
-                    "request is not a valid OTLP protobuf ExportTraceServiceRequest: {e}"
-                )))
-            })?;
             ingest
-                .export(&tenant, "grpc", bytes.len(), message)
+                .export(&tenant, "grpc", Payload::Protobuf(request.into_inner()))
                 .await
                 .map(tonic::Response::new)
                 .map_err(|e| status(&e))

@@ -10,10 +10,9 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
-use crate::ingest::{Ingest, IngestError, RETRY_AFTER};
+use crate::ingest::{Ingest, IngestError, Payload, RETRY_AFTER};
 
 /// Paths on which OTLP/HTTP traces are accepted.
 pub const TRACE_PATHS: [&str; 2] = ["/v1/traces", "/api/public/otel/v1/traces"];
@@ -169,23 +168,11 @@ async fn export(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Bod
         Ok(b) => b,
         Err(e) => return refuse(e),
     };
-    let request = match encoding {
-        Encoding::Protobuf => ExportTraceServiceRequest::decode(bytes.as_ref()).map_err(|e| {
-            IngestError::InvalidArgument(format!(
-                "request is not a valid OTLP protobuf ExportTraceServiceRequest: {e}"
-            ))
-        }),
-        Encoding::Json => {
-            serde_json::from_slice::<ExportTraceServiceRequest>(&bytes).map_err(|e| {
-                IngestError::InvalidArgument(format!("request is not valid OTLP JSON: {e}"))
-            })
-        }
+    let payload = match encoding {
+        Encoding::Protobuf => Payload::Protobuf(bytes),
+        Encoding::Json => Payload::Json(bytes),
     };
-    let request = match request {
-        Ok(r) => r,
-        Err(e) => return refuse(e),
-    };
-    match ingest.export(&tenant, "http", bytes.len(), request).await {
+    match ingest.export(&tenant, "http", payload).await {
         Ok(resp) => {
             let body = match encoding {
                 Encoding::Protobuf => resp.encode_to_vec(),

@@ -7,17 +7,53 @@ use std::time::{Duration, Instant};
 
 use loupe_core::TenantId;
 use loupe_core::config::{DataPlaneConfig, Limits};
+use loupe_core::normalize::Normalized;
 use loupe_core::normalize::{NormalizeOptions, normalize_request};
 use loupe_core::pricing::{PriceBook, PriceOutcome};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use prost::Message;
 
 use crate::metrics::{IngestMetrics, ProtocolLabels, RejectLabels};
 use crate::sink::{SinkError, SpanSink};
 
 /// How long clients are asked to wait before retrying when the queue is busy.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Requests larger than this are decoded and normalized on a blocking thread, so a
+/// 16 MiB export never stalls the async workers serving other requests.
+const INLINE_BYTES: usize = 256 * 1024;
+
+/// An export request as received: encoded OTLP.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// `ExportTraceServiceRequest` protobuf (gRPC, or HTTP `application/x-protobuf`).
+    Protobuf(bytes::Bytes),
+    /// OTLP JSON (HTTP `application/json`).
+    Json(bytes::Bytes),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Protobuf(b) | Payload::Json(b) => b.len(),
+        }
+    }
+
+    fn decode(&self) -> Result<ExportTraceServiceRequest, IngestError> {
+        match self {
+            Payload::Protobuf(b) => ExportTraceServiceRequest::decode(b.as_ref()).map_err(|e| {
+                IngestError::InvalidArgument(format!(
+                    "request is not a valid OTLP protobuf ExportTraceServiceRequest: {e}"
+                ))
+            }),
+            Payload::Json(b) => serde_json::from_slice(b).map_err(|e| {
+                IngestError::InvalidArgument(format!("request is not valid OTLP JSON: {e}"))
+            }),
+        }
+    }
+}
 
 /// Why an export request was refused whole. Converted to gRPC / HTTP status codes
 /// only at the edge ([`crate::grpc`], [`crate::http`]).
@@ -56,9 +92,34 @@ pub enum Auth {
     Open { tenant: TenantId },
 }
 
+#[derive(Clone)]
 struct TenantRuntime {
     pricing: Arc<PriceBook>,
     normalize: NormalizeOptions,
+}
+
+/// A decoded, normalized and priced request.
+struct Prepared {
+    normalized: Normalized,
+    unpriced: u64,
+}
+
+impl TenantRuntime {
+    fn prepare(&self, payload: &Payload) -> Result<Prepared, IngestError> {
+        let request = payload.decode()?;
+        let mut normalized = normalize_request(&request, &self.normalize);
+        drop(request);
+        let mut unpriced = 0;
+        for span in &mut normalized.spans {
+            if self.pricing.apply(span) == PriceOutcome::Unpriced {
+                unpriced += 1;
+            }
+        }
+        Ok(Prepared {
+            normalized,
+            unpriced,
+        })
+    }
 }
 
 /// The receive pipeline.
@@ -144,8 +205,7 @@ impl Ingest {
         &self,
         tenant: &TenantId,
         protocol: &'static str,
-        request_bytes: usize,
-        request: ExportTraceServiceRequest,
+        payload: Payload,
     ) -> Result<ExportTraceServiceResponse, IngestError> {
         let started = Instant::now();
         let labels = ProtocolLabels { protocol };
@@ -153,8 +213,8 @@ impl Ingest {
         self.metrics
             .request_bytes
             .get_or_create(&labels)
-            .inc_by(request_bytes as u64);
-        let result = self.export_inner(tenant, protocol, request).await;
+            .inc_by(payload.len() as u64);
+        let result = self.export_inner(tenant, protocol, payload).await;
         match &result {
             Ok(_) => {
                 self.metrics
@@ -176,11 +236,20 @@ impl Ingest {
         &self,
         tenant: &TenantId,
         protocol: &'static str,
-        request: ExportTraceServiceRequest,
+        payload: Payload,
     ) -> Result<ExportTraceServiceResponse, IngestError> {
         let rt = self.tenants.get(tenant).unwrap_or(&self.default_tenant);
-        let mut normalized = normalize_request(&request, &rt.normalize);
-        drop(request);
+        let Prepared {
+            normalized,
+            unpriced,
+        } = if payload.len() <= INLINE_BYTES {
+            rt.prepare(&payload)?
+        } else {
+            let rt = rt.clone();
+            tokio::task::spawn_blocking(move || rt.prepare(&payload))
+                .await
+                .map_err(|e| IngestError::Internal(format!("normalization task failed: {e}")))??
+        };
         let m = &self.metrics;
         if normalized.truncated_values > 0 {
             m.values_truncated.inc_by(normalized.truncated_values);
@@ -197,12 +266,6 @@ impl Ingest {
         let message = describe_rejections(&normalized.rejected);
         if normalized.spans.is_empty() && rejected > 0 {
             return Err(IngestError::InvalidArgument(message));
-        }
-        let mut unpriced = 0;
-        for span in &mut normalized.spans {
-            if rt.pricing.apply(span) == PriceOutcome::Unpriced {
-                unpriced += 1;
-            }
         }
         if unpriced > 0 {
             m.spans_unpriced.inc_by(unpriced);

@@ -11,5 +11,5 @@ pub mod queue;
 pub mod sink;
 pub mod wal;
 
-pub use ingest::{Auth, Ingest, IngestError};
+pub use ingest::{Auth, Ingest, IngestError, Payload};
 pub use queue::{EmbeddedQueue, QueueConfig};

@@ -26,6 +26,7 @@ use loupe_core::{LlmKind, TenantId};
 use object_store::ObjectStore;
 
 use crate::model::{SearchResponse, SpanNode, TraceSummary, TraceTotals, TraceView, ms, rfc3339};
+use crate::prune::TraceIdFilters;
 
 /// The URL under which the block store is registered with DataFusion.
 const STORE_URL: &str = "loupe://store/";
@@ -82,6 +83,7 @@ pub struct QueryEngine {
     source: Arc<dyn SpanSource>,
     runtime: Arc<RuntimeEnv>,
     config: SessionConfig,
+    trace_filters: TraceIdFilters,
 }
 
 impl QueryEngine {
@@ -90,7 +92,7 @@ impl QueryEngine {
             .build_arc()
             .expect("default runtime env builds");
         let url = url::Url::parse(STORE_URL).expect("static url parses");
-        runtime.register_object_store(&url, store);
+        runtime.register_object_store(&url, store.clone());
         let mut config = SessionConfig::new()
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
             .with_information_schema(false);
@@ -107,6 +109,7 @@ impl QueryEngine {
             source,
             runtime,
             config,
+            trace_filters: TraceIdFilters::new(store),
         }
     }
 
@@ -149,7 +152,18 @@ impl QueryEngine {
         tenant: &TenantId,
         trace_id: [u8; 16],
     ) -> Result<Option<TraceView>, QueryError> {
-        let ctx = self.session(self.source.snapshot(tenant), None).await?;
+        let mut snapshot = self.source.snapshot(tenant);
+        snapshot.blocks = self
+            .trace_filters
+            .candidates(std::mem::take(&mut snapshot.blocks), &trace_id)
+            .await;
+        // The head is many small batches in arrival order; only the few that hold this
+        // trace are worth handing to the query engine.
+        snapshot.head.retain(|b| {
+            let ids = b.column(0).as_fixed_size_binary();
+            (0..ids.len()).any(|i| ids.value(i) == trace_id)
+        });
+        let ctx = self.session(snapshot, None).await?;
         let id = ScalarValue::FixedSizeBinary(16, Some(trace_id.to_vec()));
         let batches = ctx
             .sql(

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod engine;
 pub mod model;
+pub mod prune;
 
 pub use api::{QueryAuth, QueryMetrics};
 pub use engine::{QueryEngine, QueryError, SearchQuery};
