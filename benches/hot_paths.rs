@@ -1,5 +1,5 @@
-//! Benchmarks of the ingest hot paths, stage by stage, on realistic LLM spans
-//! (~1 KB of attributes each): OTLP protobuf decode, normalization + pricing, queue
+//! Benchmarks of the ingest hot paths, stage by stage, on the load generator's LLM
+//! spans (~1 KB of attributes each): OTLP protobuf decode, normalization + pricing, queue
 //! record encoding + Arrow conversion, and Parquet block encoding.
 //!
 //! `cargo bench --bench hot_paths` prints spans/s, MB/s and per-batch latency
@@ -9,104 +9,24 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use loupe::synthetic;
 use loupe_core::normalize::{NormalizeOptions, normalize_request};
 use loupe_core::pricing::PriceBook;
 use loupe_core::span::{SpanBatch, spans_to_batch};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use prost::Message;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 const BATCH: usize = 200;
 const SPANS_PER_TRACE: usize = 10;
+const ATTR_BYTES: usize = 1024;
 
-fn kv(k: &str, v: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: k.into(),
-        value: Some(AnyValue { value: Some(v) }),
-        ..Default::default()
-    }
-}
-
-fn s(v: &str) -> any_value::Value {
-    any_value::Value::StringValue(v.into())
-}
-
+/// The load generator's request, with ids fixed by `seed`.
 fn request(seed: u64) -> ExportTraceServiceRequest {
-    let prompt: String = "Summarise the refund policy for the customer using the passages. "
-        .chars()
-        .cycle()
-        .take(620)
-        .collect();
-    let spans = (0..BATCH)
-        .map(|i| {
-            let t = (seed * 1_000 + (i / SPANS_PER_TRACE) as u64 + 1).to_be_bytes();
-            let mut trace_id = [7u8; 16];
-            trace_id[8..].copy_from_slice(&t);
-            let root = i % SPANS_PER_TRACE == 0;
-            let mut span_id = [1u8; 8];
-            span_id[6..].copy_from_slice(&((i as u16) + 1).to_be_bytes());
-            Span {
-                trace_id: trace_id.to_vec(),
-                span_id: span_id.to_vec(),
-                parent_span_id: if root {
-                    vec![]
-                } else {
-                    vec![1, 1, 1, 1, 1, 1, 0, 1]
-                },
-                name: if root { "rag.query" } else { "llm.chat" }.into(),
-                kind: 3,
-                start_time_unix_nano: 1_763_700_000_000_000_000 + i as u64 * 1_000_000,
-                end_time_unix_nano: 1_763_700_000_500_000_000 + i as u64 * 1_000_000,
-                attributes: vec![
-                    kv(
-                        "openinference.span.kind",
-                        s(if root { "CHAIN" } else { "LLM" }),
-                    ),
-                    kv("llm.model_name", s("gpt-4o-mini")),
-                    kv("llm.provider", s("openai")),
-                    kv("llm.token_count.prompt", any_value::Value::IntValue(1200)),
-                    kv(
-                        "llm.token_count.completion",
-                        any_value::Value::IntValue(180),
-                    ),
-                    kv("llm.input_messages.0.message.role", s("system")),
-                    kv(
-                        "llm.input_messages.0.message.content",
-                        s("You are a support assistant."),
-                    ),
-                    kv("llm.input_messages.1.message.role", s("user")),
-                    kv("llm.input_messages.1.message.content", s(&prompt)),
-                    kv("llm.output_messages.0.message.role", s("assistant")),
-                    kv(
-                        "llm.output_messages.0.message.content",
-                        s("Refunds are issued within 14 days of purchase."),
-                    ),
-                    kv("user.id", s("u-1042")),
-                    kv("session.id", s("s-77")),
-                    kv("llm.prompt_template.version", s("v3")),
-                ],
-                ..Default::default()
-            }
-        })
-        .collect();
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![
-                    kv("service.name", s("support-bot")),
-                    kv("deployment.environment.name", s("prod")),
-                ],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+    let mut req = synthetic::template(BATCH, SPANS_PER_TRACE, ATTR_BYTES);
+    synthetic::refresh(&mut req, SPANS_PER_TRACE, &mut StdRng::seed_from_u64(seed));
+    req
 }
 
 /// Runs `f` over and over for about `time`, each call handling `spans` spans of
