@@ -20,4 +20,12 @@ fi
 export LOUPE_TEST_PYTHON="$PWD/$venv/bin/python"
 
 echo "==> cargo test --workspace"
-cargo test --workspace --locked "$@"
+log="target/test-output.log"
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6; i += $8 }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"

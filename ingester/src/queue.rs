@@ -71,6 +71,8 @@ pub enum QueueError {
     BadRecord { seq: u64, reason: String },
     #[error(transparent)]
     Block(#[from] block::BlockError),
+    #[error("write-ahead log: {0}")]
+    Writer(String),
 }
 
 struct HeadChunk {
@@ -225,7 +227,7 @@ impl EmbeddedQueue {
         }
         let upto = match rx.await {
             Ok(Ok(seq)) => seq,
-            Ok(Err(e)) => return Err(QueueError::BadRecord { seq: 0, reason: e }),
+            Ok(Err(e)) => return Err(QueueError::Writer(e)),
             Err(_) => return Ok(()),
         };
         self.flush_through(upto).await

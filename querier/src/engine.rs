@@ -43,6 +43,8 @@ pub enum QueryError {
     Engine(#[from] datafusion::error::DataFusionError),
     #[error("query failed: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[error("query failed: {0}")]
+    Internal(String),
 }
 
 /// Which traces to return, by status.
@@ -368,7 +370,7 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
 
 fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, QueryError> {
     b.column_by_name(name)
-        .ok_or_else(|| QueryError::BadRequest(format!("internal: column {name} missing")))
+        .ok_or_else(|| QueryError::Internal(format!("result has no column {name}")))
 }
 
 fn strings(b: &RecordBatch, name: &str) -> Result<ArrayRef, QueryError> {
