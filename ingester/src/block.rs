@@ -1,7 +1,5 @@
 //! Parquet blocks: spans of one tenant, sorted by (trace_id, start_ns).
 
-use std::sync::Arc;
-
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::Int64Type;
@@ -155,9 +153,6 @@ pub async fn write(
         .await?;
     Ok(meta)
 }
-
-/// Keeps `Arc` in scope for callers building batches.
-pub type SharedBatch = Arc<RecordBatch>;
 
 #[cfg(test)]
 mod tests {
