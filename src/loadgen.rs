@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use loupe::synthetic;
+use loupe_querier::engine::hex;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Mutex;
@@ -68,10 +69,6 @@ struct Totals {
 }
 
 const MAX_SAMPLED_IDS: usize = 100_000;
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// Measures trace-by-id latency on `ids`; returns the report.
 async fn measure_queries(

@@ -105,7 +105,6 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, String> {
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngestError> {
     let raw = axum::body::to_bytes(body, limit).await.map_err(|e| {
         if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit")
         {
             IngestError::TooLarge {
                 size: limit + 1,

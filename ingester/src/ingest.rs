@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use loupe_core::TenantId;
 use loupe_core::config::{DataPlaneConfig, Limits};
-use loupe_core::normalize::Normalized;
-use loupe_core::normalize::{NormalizeOptions, normalize_request};
+use loupe_core::normalize::{NormalizeOptions, Normalized, normalize_request};
 use loupe_core::pricing::{PriceBook, PriceOutcome};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
