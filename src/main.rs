@@ -3,6 +3,8 @@
 mod client;
 mod demo;
 mod loadgen;
+mod roles;
+mod server;
 mod standalone;
 mod traces_cmd;
 
@@ -36,6 +38,14 @@ enum Command {
     /// Run the whole data plane in one process: OTLP receivers, an embedded durable
     /// queue, Parquet storage in a local directory, and the query API.
     Standalone(Box<standalone::Args>),
+    /// Run the ingest path of the distributed data plane: `--role receive` (OTLP to
+    /// Kafka), `--role write` (Kafka to Parquet blocks, with tail sampling) or both.
+    Ingester(Box<roles::IngesterArgs>),
+    /// Serve the query API over the blocks the writers put in storage.
+    Querier(roles::QuerierArgs),
+    /// Run an in-memory Kafka (librdkafka's mock cluster) for trying the distributed
+    /// roles on one machine; not for production.
+    DevKafka(roles::DevKafkaArgs),
     /// Send realistic demo LLM traces to a running Loupe over OTLP.
     Demo(demo_cmd::Args),
     /// Read traces from a running Loupe.
@@ -131,6 +141,9 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Standalone(args) => standalone::run(*args).await,
+            Command::Ingester(args) => roles::run_ingester(*args).await,
+            Command::Querier(args) => roles::run_querier(args).await,
+            Command::DevKafka(args) => roles::run_dev_kafka(args).await,
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Traces(args) => traces_cmd::run(*args).await,
             Command::Loadgen(args) => loadgen::run(args).await,

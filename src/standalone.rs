@@ -2,21 +2,21 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use axum::Router;
-use axum::http::header;
-use axum::routing::get;
+use anyhow::Context;
 use loupe_core::TenantId;
-use loupe_core::config::DataPlaneConfig;
 use loupe_core::storage::Storage;
-use loupe_ingester::metrics::IngestMetrics;
+use loupe_ingester::metrics::{IngestMetrics, WriterMetrics};
+use loupe_ingester::writer::SamplingRules;
 use loupe_ingester::{Auth, EmbeddedQueue, Ingest, QueueConfig};
 use loupe_querier::{QueryAuth, QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+
+use crate::server::{
+    bind, check_open_access, load_config, parse_duration, say, serve, shutdown_signal,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,6 +44,10 @@ pub struct Args {
     /// Memory of not-yet-flushed spans that triggers an early flush, in MiB.
     #[arg(long, env = "LOUPE_FLUSH_MIB", default_value_t = 256)]
     pub flush_mib: usize,
+    /// Traces held in memory awaiting their tail-sampling decision (tenants with a
+    /// sampling policy); beyond it the least recently updated trace is decided early.
+    #[arg(long, env = "LOUPE_MAX_TRACES", default_value_t = 100_000)]
+    pub max_traces: usize,
     /// Serve on a non-loopback address without authentication (every request goes to
     /// the default project). Without it, standalone refuses to listen beyond loopback.
     #[arg(long)]
@@ -56,47 +60,12 @@ pub struct Args {
     pub demo_traces: usize,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    loupe_querier::api::parse_duration(s, None)
-}
-
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen for {what} on {addr} (is another Loupe running? choose another address with the flag)"))?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
-}
-
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let non_loopback: Vec<SocketAddr> = [args.grpc_addr, args.http_addr, args.query_addr]
-        .into_iter()
-        .filter(|a| !a.ip().is_loopback())
-        .collect();
-    if !non_loopback.is_empty() {
-        if !args.no_auth {
-            bail!(
-                "standalone is bound to a non-loopback address ({}) and would serve traces without a key; \
-                 pass --no-auth to accept that (every request then reads and writes the default project)",
-                non_loopback
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        tracing::warn!(addresses = ?non_loopback, "AUTHENTICATION IS OFF: anyone who can reach these addresses can read and write traces (--no-auth)");
-    }
-
-    let config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config {}", path.display()))?;
-            DataPlaneConfig::from_yaml(&text)
-                .with_context(|| format!("invalid config {}", path.display()))?
-        }
-        None => DataPlaneConfig::default(),
-    };
+    check_open_access(
+        &[args.grpc_addr, args.http_addr, args.query_addr],
+        args.no_auth,
+    )?;
+    let config = load_config(args.config.as_deref())?;
 
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
@@ -111,12 +80,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let query_metrics = QueryMetrics::new(&mut registry);
 
     let mut queue_config = QueueConfig::new(args.data_dir.join("wal"));
-    queue_config.flush_interval = args.flush_interval;
-    queue_config.flush_bytes = args.flush_mib << 20;
+    queue_config.writer.flush_interval = args.flush_interval;
+    queue_config.writer.flush_bytes = args.flush_mib << 20;
+    queue_config.writer.max_traces = args.max_traces;
     queue_config.max_head_bytes = (args.flush_mib << 20).saturating_mul(4);
-    let queue = EmbeddedQueue::open(queue_config, storage.clone(), ingest_metrics.clone())
-        .await
-        .context("cannot open the embedded queue")?;
+    let queue = EmbeddedQueue::open(
+        queue_config,
+        storage.clone(),
+        Arc::new(SamplingRules::from_config(&config)),
+        ingest_metrics.clone(),
+        Arc::new(WriterMetrics::new(&mut registry)),
+    )
+    .await
+    .context("cannot open the embedded queue")?;
 
     let tenant = TenantId::default_tenant();
     let ingest = Arc::new(Ingest::new(
@@ -132,49 +108,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         storage.object_store(),
     ));
 
-    let registry = Arc::new(Mutex::new(registry));
     let query_router =
         loupe_querier::api::router(engine, QueryAuth::Open { tenant }, query_metrics)
-            .route("/health", get(|| async { "ok\n" }))
-            .route(
-                "/metrics",
-                get(move || {
-                    let registry = registry.clone();
-                    async move {
-                        let mut out = String::new();
-                        let r = registry.lock().expect("metrics lock");
-                        prometheus_client::encoding::text::encode(&mut out, &r)
-                            .expect("writing to a String cannot fail");
-                        (
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            out,
-                        )
-                    }
-                }),
-            );
+            .merge(crate::server::ops_router(registry));
 
     let (grpc_listener, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
     let (http_listener, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
     let (query_listener, query_local) = bind(args.query_addr, "the query API").await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let serve = |listener: TcpListener, router: Router| {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        })
-    };
     let servers = [
-        serve(grpc_listener, loupe_ingester::grpc::router(ingest.clone())),
-        serve(http_listener, loupe_ingester::http::router(ingest.clone())),
-        serve(query_listener, query_router),
+        serve(
+            grpc_listener,
+            loupe_ingester::grpc::router(ingest.clone()),
+            &stop_rx,
+        ),
+        serve(
+            http_listener,
+            loupe_ingester::http::router(ingest.clone()),
+            &stop_rx,
+        ),
+        serve(query_listener, query_router, &stop_rx),
     ];
 
     // Tests and scripts read these lines to find the ports.
@@ -212,28 +166,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     queue.shutdown().await.context("final flush failed; spans remain in the write-ahead log and are replayed on the next start")?;
     Ok(())
-}
-
-/// Prints a line for the person (or script) that started the server. A closed stdout
-/// (`loupe standalone | head`) must not bring the server down, so errors are ignored.
-fn say(text: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{text}");
-    let _ = out.flush();
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

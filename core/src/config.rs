@@ -14,11 +14,24 @@
 //!         input: 0.3
 //!         output: 1.2
 //!         valid_from: 2025-01-01
+//!   - id: team-a/chat
+//!     environment: prod
+//!     sampling:                     # tail sampling; absent = keep every trace
+//!       decision_wait: 10s          # held after its last span, then decided
+//!       keep_errors: true
+//!       root_duration_over: 5s
+//!       cost_over_usd: 0.5
+//!       tokens_over: 20000
+//!       attributes:
+//!         - key: user.tier
+//!           values: [enterprise]
+//!       percentage: 10              # of the traces no rule kept
 //! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::pricing::PriceEntry;
+use crate::sampling::SamplingPolicy;
 use crate::{Environment, Error, TenantId};
 
 fn default_max_request_bytes() -> usize {
@@ -87,6 +100,9 @@ pub struct TenantConfig {
     /// Pricing entries of this project; they beat the built-in table.
     #[serde(default)]
     pub pricing: Vec<PriceEntry>,
+    /// Tail-sampling policy of this project. Absent = keep every trace, decided at once.
+    #[serde(default)]
+    pub sampling: Option<SamplingPolicy>,
 }
 
 /// The data-plane configuration file.
@@ -127,6 +143,9 @@ impl DataPlaneConfig {
                     reason: e.to_string(),
                 }
             })?;
+            if let Some(sampling) = &t.sampling {
+                sampling.validate(&format!("tenants[{i}].sampling"))?;
+            }
         }
         Ok(())
     }
@@ -155,6 +174,25 @@ mod tests {
         assert_eq!(cfg.limits, Limits::default());
         assert_eq!(cfg.tenants[0].id, TenantId::default_tenant());
         assert_eq!(cfg.tenants[0].pricing[0].id, "my-finetune");
+        assert_eq!(cfg.tenants[0].sampling, None);
+        let chat = cfg.tenant(&"team-a/chat".parse().unwrap()).unwrap();
+        assert_eq!(chat.environment, Environment::Prod);
+        assert_eq!(
+            chat.sampling,
+            Some(SamplingPolicy {
+                decision_wait: std::time::Duration::from_secs(10),
+                keep_errors: true,
+                root_duration_over: Some(std::time::Duration::from_secs(5)),
+                trace_duration_over: None,
+                cost_over_usd: Some(0.5),
+                tokens_over: Some(20_000),
+                attributes: vec![crate::sampling::AttributeRule {
+                    key: "user.tier".into(),
+                    values: vec!["enterprise".into()],
+                }],
+                percentage: 10.0,
+            })
+        );
     }
 
     #[test]

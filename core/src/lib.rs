@@ -11,4 +11,5 @@ pub use tenant::{Environment, TenantId};
 pub mod config;
 pub mod normalize;
 pub mod pricing;
+pub mod sampling;
 pub mod storage;

@@ -52,6 +52,11 @@ pub struct BlockMeta {
     pub source: String,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Spans tail sampling decided on (kept or dropped) for this block: `spans` of
+    /// `seen_spans` were kept, so sampled-out volume is `seen_spans / spans` times the
+    /// stored one. Equal to `spans` when nothing is sampled.
+    #[serde(default)]
+    pub seen_spans: u64,
     /// When the block was written, Unix nanoseconds.
     pub created_ns: i64,
 }
@@ -234,6 +239,28 @@ impl Storage {
         let mut metas: Vec<BlockMeta> = metas.into_iter().map(|(_, m)| m).collect();
         metas.sort_by(|a, b| (&a.tenant, &a.block_id).cmp(&(&b.tenant, &b.block_id)));
         Ok((metas, orphans))
+    }
+
+    /// Paths of every block metadata object under `tenants/`.
+    pub async fn list_meta_paths(&self) -> Result<Vec<String>, StorageError> {
+        use futures::TryStreamExt;
+        let prefix = object_store::path::Path::from("tenants");
+        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .map(|o| o.location.to_string())
+            .filter(|p| p.ends_with(".meta.json"))
+            .collect())
+    }
+
+    /// Reads one block's metadata.
+    pub async fn read_meta(&self, path: &str) -> Result<BlockMeta, StorageError> {
+        let location = object_store::path::Path::from(path);
+        let bytes = self.store.get(&location).await?.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|e| StorageError::BadMeta {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
     }
 
     pub async fn delete(&self, path: &str) -> Result<(), StorageError> {

@@ -13,6 +13,17 @@ use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
+/// Fault injection for crash tests: `LOUPE_FAULT_BLOCK_META_DELAY_MS` holds every
+/// block between its Parquet file and its metadata, so a test can kill a writer in
+/// the middle of writing a block. Unset in normal operation.
+static FAULT_META_DELAY: std::sync::LazyLock<Option<std::time::Duration>> =
+    std::sync::LazyLock::new(|| {
+        std::env::var("LOUPE_FAULT_BLOCK_META_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+
 /// Rows per Parquet row group: small enough that a trace lookup reads little,
 /// large enough to compress well (~8 MB of LLM spans).
 pub const ROW_GROUP_ROWS: usize = 8 * 1024;
@@ -123,6 +134,7 @@ pub async fn write(
     first: u64,
     last: u64,
     batches: Vec<RecordBatch>,
+    seen_spans: u64,
 ) -> Result<BlockMeta, BlockError> {
     let block = tokio::task::spawn_blocking(move || encode(&batches))
         .await
@@ -131,6 +143,9 @@ pub async fn write(
     let path = storage::parquet_path(tenant, &block_id);
     let size_bytes = block.parquet.len() as u64;
     storage.put_durable(&path, block.parquet).await?;
+    if let Some(pause) = *FAULT_META_DELAY {
+        tokio::time::sleep(pause).await;
+    }
     let meta = BlockMeta {
         format_version: BLOCK_FORMAT_VERSION,
         block_id,
@@ -145,6 +160,7 @@ pub async fn write(
         source: source.to_owned(),
         first_seq: first,
         last_seq: last,
+        seen_spans: seen_spans.max(block.spans),
         created_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX),
     };
     let json = serde_json::to_vec_pretty(&meta).expect("block metadata serializes");

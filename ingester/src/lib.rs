@@ -6,10 +6,12 @@ pub mod block;
 pub mod grpc;
 pub mod http;
 pub mod ingest;
+pub mod kafka;
 pub mod metrics;
 pub mod queue;
 pub mod sink;
 pub mod wal;
+pub mod writer;
 
 pub use ingest::{Auth, Ingest, IngestError, Payload};
 pub use queue::{EmbeddedQueue, QueueConfig};

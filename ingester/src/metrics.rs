@@ -152,3 +152,126 @@ impl IngestMetrics {
         IngestMetrics::new(&mut Registry::default())
     }
 }
+
+/// Labels of sampling decisions; bounded: configured tenants × keep/drop × reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub tenant: String,
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+/// Labels of per-partition gauges of the Kafka writer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub partition: i32,
+}
+
+/// Metrics of the write pipeline: tail-sampling decisions and, in the Kafka writer
+/// role, consumer lag and commits.
+pub struct WriterMetrics {
+    pub traces: Family<DecisionLabels, Counter>,
+    pub spans: Family<DecisionLabels, Counter>,
+    pub early_decisions: Counter,
+    pub late_spans: Counter,
+    pub pending_traces: Gauge,
+    pub lag_records: Family<PartitionLabels, Gauge>,
+    pub committed_offset: Family<PartitionLabels, Gauge>,
+    pub records_consumed: Counter,
+    pub records_rejected: Counter,
+    pub rebalances: Counter,
+}
+
+impl WriterMetrics {
+    pub fn new(registry: &mut Registry) -> WriterMetrics {
+        let m = WriterMetrics {
+            traces: Family::default(),
+            spans: Family::default(),
+            early_decisions: Counter::default(),
+            late_spans: Counter::default(),
+            pending_traces: Gauge::default(),
+            lag_records: Family::default(),
+            committed_offset: Family::default(),
+            records_consumed: Counter::default(),
+            records_rejected: Counter::default(),
+            rebalances: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("loupe");
+        r.register(
+            "sampling_traces",
+            "Traces decided by tail sampling, by tenant, decision and the rule that decided",
+            m.traces.clone(),
+        );
+        r.register(
+            "sampling_spans",
+            "Spans decided by tail sampling (seen = kept + dropped), by tenant, decision and reason",
+            m.spans.clone(),
+        );
+        r.register(
+            "sampling_early_decisions",
+            "Traces decided before their wait was over because the in-memory cap was reached",
+            m.early_decisions.clone(),
+        );
+        r.register(
+            "sampling_late_spans",
+            "Spans that arrived after their trace was decided and followed that decision",
+            m.late_spans.clone(),
+        );
+        r.register(
+            "sampling_pending_traces",
+            "Traces held in memory awaiting their sampling decision",
+            m.pending_traces.clone(),
+        );
+        r.register(
+            "writer_lag_records",
+            "Kafka records of a partition not yet consumed by this writer",
+            m.lag_records.clone(),
+        );
+        r.register(
+            "writer_committed_offset",
+            "Offset committed per partition (everything before it is in durable blocks)",
+            m.committed_offset.clone(),
+        );
+        r.register(
+            "writer_records_consumed",
+            "Kafka records consumed",
+            m.records_consumed.clone(),
+        );
+        r.register(
+            "writer_records_rejected",
+            "Kafka records that could not be decoded (skipped, logged)",
+            m.records_rejected.clone(),
+        );
+        r.register(
+            "writer_rebalances",
+            "Partition assignments and revocations seen",
+            m.rebalances.clone(),
+        );
+        m
+    }
+
+    pub fn unregistered() -> WriterMetrics {
+        WriterMetrics::new(&mut Registry::default())
+    }
+
+    /// Counts one decision over `spans` spans and `traces` traces (0 when the spans
+    /// join a trace decided earlier).
+    pub fn record(
+        &self,
+        tenant: &loupe_core::TenantId,
+        keep: bool,
+        reason: &'static str,
+        spans: usize,
+        traces: u64,
+    ) {
+        let labels = DecisionLabels {
+            tenant: tenant.to_string(),
+            decision: if keep { "keep" } else { "drop" },
+            reason,
+        };
+        self.spans.get_or_create(&labels).inc_by(spans as u64);
+        if traces > 0 {
+            self.traces.get_or_create(&labels).inc_by(traces);
+        }
+    }
+}

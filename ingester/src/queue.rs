@@ -1,35 +1,40 @@
 //! The embedded queue of `loupe standalone`: a write-ahead log on local disk in place
-//! of Kafka, an in-memory head that queries see at once, and a flusher that turns the
-//! head into Parquet blocks and then deletes the log segments they cover.
+//! of Kafka, feeding the same [`PartitionWriter`] as the Kafka write role (tail
+//! sampling, kept spans buffered per tenant, Parquet blocks), with the log's sequence
+//! numbers as offsets.
 //!
 //! Guarantees:
 //! - [`EmbeddedQueue::append`] returns only after the spans are fsynced to the log
 //!   (group commit: one `fdatasync` for every append waiting at that moment);
-//! - acknowledged spans are visible to queries immediately (head), and stay visible
-//!   while their block is written (the head keeps them until the block's metadata is
-//!   durable and indexed);
-//! - on start, log records not yet in a block are replayed into the head, so a crash
-//!   (even SIGKILL) loses nothing acknowledged.
+//! - kept spans are visible to queries as soon as they are decided (at once for
+//!   tenants without a sampling policy), and stay visible while their block is
+//!   written (they leave memory once the block's metadata is durable);
+//! - the log is checkpointed at the writer's safe offset (the oldest record not yet
+//!   in a block) and replayed from there on start, so a crash (even SIGKILL) loses
+//!   nothing acknowledged.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
 use loupe_core::TenantId;
-use loupe_core::span::{SpanBatch, SpanRecord, spans_to_batch};
+use loupe_core::span::{SpanBatch, SpanRecord};
 use loupe_core::storage::{BlockMeta, SpanSource, Storage, TenantSnapshot};
 use prost::Message;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::block;
-use crate::metrics::IngestMetrics;
+use crate::metrics::{IngestMetrics, WriterMetrics};
 use crate::sink::{SinkError, SpanSink};
 use crate::wal::{Wal, WalError};
+use crate::writer::{PartitionWriter, SamplingRules, WriterConfig};
 
 /// Source name of blocks written from the embedded queue.
 pub const WAL_SOURCE: &str = "wal";
+
+/// Name of the file, in the log directory, holding the sequence number replay starts at.
+const CHECKPOINT_FILE: &str = "checkpoint";
 
 /// Settings of the embedded queue.
 #[derive(Clone, Debug)]
@@ -38,11 +43,9 @@ pub struct QueueConfig {
     pub wal_dir: PathBuf,
     /// Log segment size before rotation.
     pub segment_bytes: u64,
-    /// Longest time spans stay in the head before they are written as a block.
-    pub flush_interval: Duration,
-    /// Head size that triggers a flush before the interval is up.
-    pub flush_bytes: usize,
-    /// Head size above which appends are refused (storage is not keeping up).
+    /// Flush thresholds and the tail-sampling memory cap.
+    pub writer: WriterConfig,
+    /// Buffered size above which appends are refused (storage is not keeping up).
     pub max_head_bytes: usize,
     /// Longest an append waits for the log before the client is told to retry.
     pub append_timeout: Duration,
@@ -53,8 +56,10 @@ impl QueueConfig {
         QueueConfig {
             wal_dir,
             segment_bytes: 128 << 20,
-            flush_interval: Duration::from_secs(5),
-            flush_bytes: 256 << 20,
+            writer: WriterConfig {
+                flush_bytes: 256 << 20,
+                ..WriterConfig::default()
+            },
             max_head_bytes: 1 << 30,
             append_timeout: Duration::from_secs(10),
         }
@@ -71,35 +76,24 @@ pub enum QueueError {
     BadRecord { seq: u64, reason: String },
     #[error(transparent)]
     Block(#[from] block::BlockError),
+    #[error(transparent)]
+    Writer(#[from] crate::writer::WriterError),
     #[error("write-ahead log: {0}")]
-    Writer(String),
+    Log(String),
+    #[error("write-ahead log checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
 }
 
-struct HeadChunk {
-    seq: u64,
-    batch: RecordBatch,
-    bytes: usize,
-}
-
-#[derive(Default)]
 struct State {
-    head: BTreeMap<TenantId, Vec<HeadChunk>>,
-    head_bytes: usize,
+    writer: PartitionWriter,
     blocks: HashMap<TenantId, Vec<BlockMeta>>,
-}
-
-impl State {
-    fn push(&mut self, tenant: TenantId, chunk: HeadChunk) {
-        self.head_bytes += chunk.bytes;
-        self.head.entry(tenant).or_default().push(chunk);
-    }
+    checkpoint: u64,
 }
 
 struct AppendCmd {
     tenant: TenantId,
     payload: Vec<u8>,
-    batch: RecordBatch,
-    bytes: usize,
+    spans: Vec<SpanRecord>,
     ack: oneshot::Sender<Result<(), String>>,
 }
 
@@ -113,10 +107,53 @@ enum Cmd {
 }
 
 struct Shared {
-    state: RwLock<State>,
+    state: Mutex<State>,
     flush_wanted: Notify,
+    /// Serializes flushes (the periodic one, explicit ones, shutdown).
+    flushing: tokio::sync::Mutex<()>,
     config: QueueConfig,
     metrics: Arc<IngestMetrics>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("queue lock")
+    }
+}
+
+fn read_checkpoint(dir: &Path) -> Result<u64, QueueError> {
+    let path = dir.join(CHECKPOINT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|e| QueueError::Checkpoint {
+            path,
+            reason: format!("{e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(QueueError::Checkpoint {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Replaces the checkpoint atomically and durably (write, fsync, rename, fsync dir).
+fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), QueueError> {
+    let path = dir.join(CHECKPOINT_FILE);
+    let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+    let fail = |e: std::io::Error| QueueError::Checkpoint {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+        writeln!(f, "{seq}").map_err(fail)?;
+        f.sync_all().map_err(fail)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(fail)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
 }
 
 /// The standalone queue; cheap to clone.
@@ -128,78 +165,78 @@ pub struct EmbeddedQueue {
 }
 
 impl EmbeddedQueue {
-    /// Opens the log, loads the block index from storage, replays unflushed records
-    /// into the head, and starts the log writer thread and the flusher task.
+    /// Opens the log, loads the block index from storage, replays records from the
+    /// checkpoint on, and starts the log writer thread and the flusher task.
     pub async fn open(
         config: QueueConfig,
         storage: Storage,
+        rules: Arc<SamplingRules>,
         metrics: Arc<IngestMetrics>,
+        writer_metrics: Arc<WriterMetrics>,
     ) -> Result<EmbeddedQueue, QueueError> {
         let (metas, orphans) = storage.list_blocks().await?;
         for path in orphans {
             tracing::info!(%path, "removing a block left without metadata by an interrupted flush");
             storage.delete(&path).await?;
         }
-        let mut flushed: HashMap<TenantId, u64> = HashMap::new();
         let mut max_seq = 0;
-        let mut state = State::default();
+        let mut blocks: HashMap<TenantId, Vec<BlockMeta>> = HashMap::new();
         for meta in metas {
             if meta.source == WAL_SOURCE {
-                let w = flushed.entry(meta.tenant.clone()).or_default();
-                *w = (*w).max(meta.last_seq);
                 max_seq = max_seq.max(meta.last_seq);
             }
-            state
-                .blocks
-                .entry(meta.tenant.clone())
-                .or_default()
-                .push(meta);
+            blocks.entry(meta.tenant.clone()).or_default().push(meta);
         }
 
+        std::fs::create_dir_all(&config.wal_dir).map_err(|e| QueueError::Checkpoint {
+            path: config.wal_dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let checkpoint = read_checkpoint(&config.wal_dir)?;
         let cfg = config.clone();
         let (wal, records) = tokio::task::spawn_blocking(move || {
-            Wal::open(&cfg.wal_dir, cfg.segment_bytes, max_seq + 1)
+            Wal::open(
+                &cfg.wal_dir,
+                cfg.segment_bytes,
+                (max_seq + 1).max(checkpoint),
+            )
         })
         .await
         .expect("wal open does not panic")?;
 
+        let mut writer = PartitionWriter::new(config.writer.clone(), rules, writer_metrics);
+        if checkpoint > 0 {
+            writer.skip(checkpoint - 1);
+        }
         let mut replayed = 0usize;
+        let now = Instant::now();
         for rec in records {
-            let batch =
-                SpanBatch::decode(rec.payload.as_slice()).map_err(|e| QueueError::BadRecord {
-                    seq: rec.seq,
-                    reason: e.to_string(),
-                })?;
-            let tenant = batch.tenant_id().map_err(|e| QueueError::BadRecord {
-                seq: rec.seq,
-                reason: e.to_string(),
-            })?;
-            if flushed.get(&tenant).is_some_and(|&w| rec.seq <= w) {
+            if rec.seq < checkpoint {
                 continue;
             }
-            let arrow = spans_to_batch(&batch.spans).map_err(|e| QueueError::BadRecord {
+            let bad = |reason: String| QueueError::BadRecord {
                 seq: rec.seq,
-                reason: e.to_string(),
-            })?;
+                reason,
+            };
+            let batch =
+                SpanBatch::decode(rec.payload.as_slice()).map_err(|e| bad(e.to_string()))?;
+            let tenant = batch.tenant_id().map_err(|e| bad(e.to_string()))?;
             replayed += batch.spans.len();
-            let bytes = arrow.get_array_memory_size();
-            state.push(
-                tenant,
-                HeadChunk {
-                    seq: rec.seq,
-                    batch: arrow,
-                    bytes,
-                },
-            );
+            writer.push(rec.seq, &tenant, batch.spans, now);
         }
         if replayed > 0 {
             tracing::info!(spans = replayed, "replayed spans from the write-ahead log");
         }
-        metrics.head_bytes.set(state.head_bytes as i64);
+        metrics.head_bytes.set(writer.buffered_bytes() as i64);
 
         let shared = Arc::new(Shared {
-            state: RwLock::new(state),
+            state: Mutex::new(State {
+                writer,
+                blocks,
+                checkpoint,
+            }),
             flush_wanted: Notify::new(),
+            flushing: tokio::sync::Mutex::new(()),
             config,
             metrics,
         });
@@ -219,32 +256,33 @@ impl EmbeddedQueue {
         Ok(queue)
     }
 
-    /// Writes every span accepted so far into blocks now.
+    /// Writes every kept span into blocks now. Traces still waiting for their
+    /// sampling decision stay in memory (and in the log).
     pub async fn flush(&self) -> Result<(), QueueError> {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Cmd::Rotate(tx)).await.is_err() {
-            return Ok(());
-        }
-        let upto = match rx.await {
-            Ok(Ok(seq)) => seq,
-            Ok(Err(e)) => return Err(QueueError::Writer(e)),
-            Err(_) => return Ok(()),
-        };
-        self.flush_through(upto).await
+        self.flush_due(true).await
     }
 
     async fn flush_loop(self) {
-        let interval = self.shared.config.flush_interval;
+        let tick = self
+            .shared
+            .config
+            .writer
+            .flush_interval
+            .min(Duration::from_millis(250));
         let mut backoff = Duration::from_millis(500);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = self.shared.flush_wanted.notified() => {}
             }
             if self.tx.is_closed() {
                 return;
             }
-            match self.flush().await {
+            let force = {
+                let state = self.shared.state();
+                state.writer.buffered_bytes() >= self.shared.config.writer.flush_bytes
+            };
+            match self.flush_due(force).await {
                 Ok(()) => backoff = Duration::from_millis(500),
                 Err(e) => {
                     self.shared.metrics.flush_errors.inc();
@@ -256,67 +294,73 @@ impl EmbeddedQueue {
         }
     }
 
-    /// Writes head chunks with `seq <= upto` as one block per tenant, then drops them
-    /// from the head and deletes the log segments no longer needed.
-    async fn flush_through(&self, upto: u64) -> Result<(), QueueError> {
-        let work: Vec<(TenantId, u64, u64, Vec<RecordBatch>)> = {
-            let state = self.shared.state.read().expect("queue lock");
-            state
-                .head
-                .iter()
-                .filter_map(|(tenant, chunks)| {
-                    let chunks: Vec<_> = chunks.iter().take_while(|c| c.seq <= upto).collect();
-                    let first = chunks.first()?.seq;
-                    let last = chunks.last()?.seq;
-                    let batches = chunks.iter().map(|c| c.batch.clone()).collect();
-                    Some((tenant.clone(), first, last, batches))
-                })
-                .collect()
+    /// Decides traces whose wait is over, writes the blocks that are due (all kept
+    /// spans with `force`), then checkpoints the log and deletes what it no longer needs.
+    async fn flush_due(&self, force: bool) -> Result<(), QueueError> {
+        let _one_at_a_time = self.shared.flushing.lock().await;
+        let jobs = {
+            let mut state = self.shared.state();
+            let now = Instant::now();
+            state.writer.tick(now);
+            state.writer.due_blocks(now, force)?
         };
+        if !jobs.is_empty() {
+            // A closed segment can be deleted once everything in it is in blocks.
+            let (tx, rx) = oneshot::channel();
+            if self.tx.send(Cmd::Rotate(tx)).await.is_ok()
+                && let Ok(Err(e)) = rx.await
+            {
+                return Err(QueueError::Log(e));
+            }
+        }
         let mut first_error = None;
-        for (tenant, first, last, batches) in work {
-            let started = std::time::Instant::now();
-            match block::write(&self.storage, &tenant, WAL_SOURCE, first, last, batches).await {
+        for job in jobs {
+            let started = Instant::now();
+            let written = block::write(
+                &self.storage,
+                &job.tenant,
+                WAL_SOURCE,
+                job.first,
+                job.last,
+                job.batches.clone(),
+                job.seen_spans,
+            )
+            .await;
+            match written {
                 Ok(meta) => {
                     let m = &self.shared.metrics;
                     m.blocks_written.inc();
                     m.block_spans_written.inc_by(meta.spans);
                     m.block_bytes_written.inc_by(meta.size_bytes);
                     m.flush_seconds.observe(started.elapsed().as_secs_f64());
-                    tracing::debug!(tenant = %tenant, block = %meta.block_id, spans = meta.spans, bytes = meta.size_bytes, "block written");
-                    let mut state = self.shared.state.write().expect("queue lock");
-                    state.blocks.entry(tenant.clone()).or_default().push(meta);
-                    let mut freed = 0;
-                    if let Some(chunks) = state.head.get_mut(&tenant) {
-                        let n = chunks.iter().take_while(|c| c.seq <= last).count();
-                        freed = chunks.drain(..n).map(|c| c.bytes).sum::<usize>();
-                        if chunks.is_empty() {
-                            state.head.remove(&tenant);
-                        }
-                    }
-                    state.head_bytes -= freed;
-                    m.head_bytes.set(state.head_bytes as i64);
+                    tracing::debug!(tenant = %job.tenant, block = %meta.block_id, spans = meta.spans, bytes = meta.size_bytes, "block written");
+                    let mut state = self.shared.state();
+                    let index = state.blocks.entry(job.tenant.clone()).or_default();
+                    index.retain(|b| b.block_id != meta.block_id);
+                    index.push(meta);
+                    state.writer.written(&job);
+                    m.head_bytes.set(state.writer.buffered_bytes() as i64);
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
             }
         }
-        // Log segments are needed up to the oldest record still only in the head.
-        let oldest_unflushed = {
-            let state = self.shared.state.read().expect("queue lock");
+        let advanced = {
+            let state = self.shared.state();
             state
-                .head
-                .values()
-                .filter_map(|c| c.first())
-                .map(|c| c.seq)
-                .min()
+                .writer
+                .safe_offset()
+                .filter(|&safe| safe > state.checkpoint)
         };
-        let through = match oldest_unflushed {
-            Some(seq) => seq.saturating_sub(1).min(upto),
-            None => upto,
-        };
-        let _ = self.tx.send(Cmd::Truncate(through)).await;
+        if let Some(safe) = advanced {
+            let dir = self.shared.config.wal_dir.clone();
+            tokio::task::spawn_blocking(move || write_checkpoint(&dir, safe))
+                .await
+                .expect("checkpoint task does not panic")?;
+            self.shared.state().checkpoint = safe;
+            let _ = self.tx.send(Cmd::Truncate(safe - 1)).await;
+        }
         match first_error {
             Some(e) => Err(e.into()),
             None => Ok(()),
@@ -350,26 +394,23 @@ impl SpanSink for EmbeddedQueue {
                 return Ok(());
             }
             let cfg = &self.shared.config;
-            let head_bytes = self.shared.state.read().expect("queue lock").head_bytes;
-            if head_bytes > cfg.max_head_bytes {
+            let buffered = self.shared.state().writer.buffered_bytes();
+            if buffered > cfg.max_head_bytes {
                 self.shared.flush_wanted.notify_one();
                 return Err(SinkError::Unavailable(
                     "block storage is not keeping up; retry later".into(),
                 ));
             }
-            let batch = spans_to_batch(&spans).map_err(|e| SinkError::Internal(e.to_string()))?;
             let payload = SpanBatch {
                 tenant: tenant.to_string(),
                 spans,
-            }
-            .encode_to_vec();
-            let bytes = batch.get_array_memory_size();
+            };
+            let bytes = payload.encode_to_vec();
             let (ack, done) = oneshot::channel();
             let cmd = Cmd::Append(AppendCmd {
                 tenant: tenant.clone(),
-                payload,
-                batch,
-                bytes,
+                payload: bytes,
+                spans: payload.spans,
                 ack,
             });
             let wait = async {
@@ -392,11 +433,10 @@ impl SpanSink for EmbeddedQueue {
                         "timed out waiting for the write-ahead log".into(),
                     ))
                 });
-            if result.is_ok() {
-                let state = self.shared.state.read().expect("queue lock");
-                if state.head_bytes >= cfg.flush_bytes {
-                    self.shared.flush_wanted.notify_one();
-                }
+            if result.is_ok()
+                && self.shared.state().writer.buffered_bytes() >= cfg.writer.flush_bytes
+            {
+                self.shared.flush_wanted.notify_one();
             }
             result
         })
@@ -405,20 +445,16 @@ impl SpanSink for EmbeddedQueue {
 
 impl SpanSource for EmbeddedQueue {
     fn snapshot(&self, tenant: &TenantId) -> TenantSnapshot {
-        let state = self.shared.state.read().expect("queue lock");
+        let mut state = self.shared.state();
         TenantSnapshot {
             blocks: state.blocks.get(tenant).cloned().unwrap_or_default(),
-            head: state
-                .head
-                .get(tenant)
-                .map(|chunks| chunks.iter().map(|c| c.batch.clone()).collect())
-                .unwrap_or_default(),
+            head: state.writer.kept_batches(tenant),
         }
     }
 }
 
 /// The log writer thread: takes every command waiting, appends all appends, fsyncs
-/// once, publishes them to the head, then acknowledges them.
+/// once, hands the spans to the partition writer, then acknowledges them.
 fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
     let mut pending: Vec<AppendCmd> = Vec::new();
     let mut others: Vec<Cmd> = Vec::new();
@@ -440,7 +476,7 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
         }
 
         if !pending.is_empty() {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let mut seqs = Vec::with_capacity(pending.len());
             let mut result: Result<(), String> = Ok(());
             for a in &pending {
@@ -460,20 +496,14 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
             match result {
                 Ok(()) => {
                     m.wal_bytes_written.inc_by(batch_bytes as u64);
-                    let mut state = shared.state.write().expect("queue lock");
+                    let now = Instant::now();
+                    let mut state = shared.state();
                     let mut acks = Vec::with_capacity(pending.len());
                     for (a, seq) in pending.drain(..).zip(seqs) {
-                        state.push(
-                            a.tenant,
-                            HeadChunk {
-                                seq,
-                                batch: a.batch,
-                                bytes: a.bytes,
-                            },
-                        );
+                        state.writer.push(seq, &a.tenant, a.spans, now);
                         acks.push(a.ack);
                     }
-                    m.head_bytes.set(state.head_bytes as i64);
+                    m.head_bytes.set(state.writer.buffered_bytes() as i64);
                     drop(state);
                     for ack in acks {
                         let _ = ack.send(Ok(()));
@@ -536,11 +566,17 @@ mod tests {
 
     async fn open(dir: &std::path::Path) -> EmbeddedQueue {
         let mut cfg = QueueConfig::new(dir.join("wal"));
-        cfg.flush_interval = Duration::from_secs(3600);
+        cfg.writer.flush_interval = Duration::from_secs(3600);
         let storage = Storage::open(dir.join("blocks").to_str().unwrap()).unwrap();
-        EmbeddedQueue::open(cfg, storage, Arc::new(IngestMetrics::unregistered()))
-            .await
-            .unwrap()
+        EmbeddedQueue::open(
+            cfg,
+            storage,
+            Arc::new(SamplingRules::default()),
+            Arc::new(IngestMetrics::unregistered()),
+            Arc::new(WriterMetrics::unregistered()),
+        )
+        .await
+        .unwrap()
     }
 
     fn rows(s: &TenantSnapshot) -> (usize, u64) {
@@ -616,13 +652,19 @@ mod tests {
     async fn a_full_head_refuses_appends_instead_of_growing() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = QueueConfig::new(dir.path().join("wal"));
-        cfg.flush_interval = Duration::from_secs(3600);
+        cfg.writer.flush_interval = Duration::from_secs(3600);
         cfg.max_head_bytes = 1;
-        cfg.flush_bytes = usize::MAX;
+        cfg.writer.flush_bytes = usize::MAX;
         let storage = Storage::open(dir.path().join("blocks").to_str().unwrap()).unwrap();
-        let q = EmbeddedQueue::open(cfg, storage, Arc::new(IngestMetrics::unregistered()))
-            .await
-            .unwrap();
+        let q = EmbeddedQueue::open(
+            cfg,
+            storage,
+            Arc::new(SamplingRules::default()),
+            Arc::new(IngestMetrics::unregistered()),
+            Arc::new(WriterMetrics::unregistered()),
+        )
+        .await
+        .unwrap();
         let t: TenantId = "ns/a".parse().unwrap();
         q.append(&t, spans(1, 1)).await.unwrap();
         let err = q.append(&t, spans(2, 1)).await.unwrap_err();

@@ -211,6 +211,7 @@ mod tests {
                 i as u64,
                 i as u64,
                 vec![batch],
+                0,
             )
             .await
             .unwrap();

@@ -1,4 +1,4 @@
-//! Starting and stopping `loupe standalone`, and small OTLP builders.
+//! Starting and stopping `loupe` processes, and small OTLP builders.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,12 +13,13 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use serde_json::Value;
 
-/// A running `loupe standalone`.
+/// A running `loupe` process (standalone or one role).
 pub struct Loupe {
     child: Option<Child>,
     pub grpc: String,
     pub http: String,
     pub query: String,
+    pub metrics_url: String,
     log: PathBuf,
 }
 
@@ -26,27 +27,43 @@ impl Loupe {
     /// Starts standalone with its data in `data`, on free ports, and waits until it
     /// prints its addresses (which it does once the write-ahead log is replayed).
     pub fn start(data: &Path, extra: &[&str]) -> Loupe {
-        std::fs::create_dir_all(data).unwrap();
-        let log = data.join(format!(
-            "loupe-{}.log",
+        let mut args: Vec<String> = vec!["standalone".into(), "--data-dir".into()];
+        args.push(data.display().to_string());
+        for a in [
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--query-addr",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .chain(extra)
+        {
+            args.push(a.to_string());
+        }
+        let mut loupe = Loupe::spawn(&args, data, &[], &["otlp-grpc", "otlp-http", "query-api"]);
+        loupe.metrics_url = format!("{}/metrics", loupe.query);
+        loupe
+    }
+
+    /// Starts `loupe <args>` with extra environment, logging into `log_dir`, and
+    /// waits until it has printed an address line for every name in `wanted`
+    /// (`otlp-grpc`, `otlp-http`, `query-api`, `metrics`).
+    pub fn spawn(args: &[String], log_dir: &Path, env: &[(&str, &str)], wanted: &[&str]) -> Loupe {
+        std::fs::create_dir_all(log_dir).unwrap();
+        let log = log_dir.join(format!(
+            "loupe-{}-{}.log",
+            args[0],
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos()
         ));
         let mut child = Command::new(env!("CARGO_BIN_EXE_loupe"))
-            .args(["standalone", "--data-dir"])
-            .arg(data)
-            .args([
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--query-addr",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
+            .args(args)
             .env("LOUPE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -59,37 +76,38 @@ impl Loupe {
                 let _ = tx.send(line);
             }
         });
-        let (mut grpc, mut http, mut query) = (None, None, None);
+        let mut found: std::collections::HashMap<String, String> = Default::default();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while grpc.is_none() || http.is_none() || query.is_none() {
+        while wanted.iter().any(|w| !found.contains_key(*w)) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
                 Ok(l) => l,
                 Err(_) => {
                     let _ = child.kill();
                     panic!(
-                        "loupe standalone did not report its addresses; log:\n{}",
+                        "loupe {} did not report its addresses; log:\n{}",
+                        args.join(" "),
                         std::fs::read_to_string(&log).unwrap_or_default()
                     );
                 }
             };
             let mut words = line.split_whitespace();
-            match (words.next(), words.next()) {
-                (Some("otlp-grpc"), Some(a)) => grpc = Some(format!("http://{a}")),
-                (Some("otlp-http"), Some(a)) => {
-                    http = Some(a.trim_end_matches("/v1/traces").to_owned())
-                }
-                (Some("query-api"), Some(a)) => {
-                    query = Some(a.trim_end_matches("/api/v1/traces").to_owned())
-                }
-                _ => {}
+            if let (Some(name), Some(addr)) = (words.next(), words.next()) {
+                found.insert(name.to_owned(), addr.to_owned());
             }
         }
+        let get = |k: &str| found.get(k).cloned().unwrap_or_default();
         Loupe {
             child: Some(child),
-            grpc: grpc.unwrap(),
-            http: http.unwrap(),
-            query: query.unwrap(),
+            grpc: match found.get("otlp-grpc") {
+                Some(a) => format!("http://{a}"),
+                None => String::new(),
+            },
+            http: get("otlp-http").trim_end_matches("/v1/traces").to_owned(),
+            query: get("query-api")
+                .trim_end_matches("/api/v1/traces")
+                .to_owned(),
+            metrics_url: get("metrics"),
             log,
         }
     }
@@ -154,7 +172,7 @@ impl Loupe {
     }
 
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.query))
+        reqwest::get(&self.metrics_url)
             .await
             .unwrap()
             .text()
@@ -171,11 +189,12 @@ impl Drop for Loupe {
             let _ = c.wait();
             if std::thread::panicking() {
                 eprintln!(
-                    "--- loupe standalone ({}) log ---\n{}",
+                    "--- loupe ({}) log {} ---\n{}",
                     match exited {
                         Some(status) => format!("had exited: {status}"),
                         None => "was running".into(),
                     },
+                    self.log.display(),
                     self.log()
                 );
             }

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod distributed;
 mod durability;
 mod harness;
 mod otlp;

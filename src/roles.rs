@@ -1,0 +1,366 @@
+//! The distributed roles: `loupe ingester --role receive|write|all` and `loupe querier`.
+//! They share nothing in memory: receive produces to Kafka, write consumes Kafka and
+//! writes blocks to storage, the querier lists and reads that storage.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use loupe_core::TenantId;
+use loupe_core::storage::Storage;
+use loupe_ingester::kafka::{
+    self, KafkaConfig, KafkaSink, ProducerSettings, WriteRoleSettings, WriterServices,
+};
+use loupe_ingester::metrics::{IngestMetrics, WriterMetrics};
+use loupe_ingester::writer::{SamplingRules, WriterConfig};
+use loupe_ingester::{Auth, Ingest};
+use loupe_querier::index::StorageIndex;
+use loupe_querier::{QueryAuth, QueryEngine, QueryMetrics};
+use prometheus_client::registry::Registry;
+
+use crate::server::{
+    bind, check_open_access, load_config, ops_router, parse_duration, say, serve, shutdown_signal,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// OTLP in, Kafka out (stateless; run any number).
+    Receive,
+    /// Kafka in, Parquet blocks out (a consumer group; up to one per partition).
+    Write,
+    /// Both in one process.
+    All,
+}
+
+#[derive(clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port…]`.
+    #[arg(long = "kafka-brokers", env = "LOUPE_KAFKA_BROKERS")]
+    brokers: String,
+    /// Topic of normalized spans.
+    #[arg(long = "kafka-topic", env = "LOUPE_KAFKA_TOPIC", default_value = kafka::DEFAULT_TOPIC)]
+    topic: String,
+    /// Extra librdkafka setting, `key=value` (repeatable): `security.protocol`,
+    /// `sasl.mechanism`, `sasl.username`, … Values are never logged.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    /// Partitions of the topic when Loupe has to create it (it never changes an
+    /// existing topic). Writers scale up to this many.
+    #[arg(
+        long = "kafka-partitions",
+        env = "LOUPE_KAFKA_PARTITIONS",
+        default_value_t = 8
+    )]
+    partitions: i32,
+    /// Replication factor when Loupe has to create the topic (use 3 in production).
+    #[arg(
+        long = "kafka-replication",
+        env = "LOUPE_KAFKA_REPLICATION",
+        default_value_t = 1
+    )]
+    replication: i32,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected key=value, got {s:?}")),
+    }
+}
+
+impl KafkaArgs {
+    fn config(&self) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.brokers.clone(),
+            topic: self.topic.clone(),
+            properties: self.properties.clone(),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct IngesterArgs {
+    /// Which part of the ingest path this process runs.
+    #[arg(long, value_enum, env = "LOUPE_ROLE", default_value = "all")]
+    role: Role,
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Data-plane config file (YAML): limits, tenants, pricing, sampling.
+    #[arg(long, env = "LOUPE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Tenant that receives every export until keys are configured.
+    #[arg(long, env = "LOUPE_TENANT", default_value = "default/default")]
+    tenant: TenantId,
+    /// Serve without keys on a non-loopback address.
+    #[arg(long)]
+    no_auth: bool,
+    /// OTLP/gRPC listen address (receive).
+    #[arg(long, env = "LOUPE_GRPC_ADDR", default_value = "127.0.0.1:4317")]
+    grpc_addr: SocketAddr,
+    /// OTLP/HTTP listen address (receive).
+    #[arg(long, env = "LOUPE_HTTP_ADDR", default_value = "127.0.0.1:4318")]
+    http_addr: SocketAddr,
+    /// `/metrics` and `/health` listen address.
+    #[arg(long, env = "LOUPE_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    metrics_addr: SocketAddr,
+    /// Longest an export waits for Kafka's acknowledgment before the client is told
+    /// to retry (receive).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    delivery_timeout: Duration,
+    /// Memory for records waiting for Kafka, in MiB; beyond it exports are refused
+    /// at once (receive).
+    #[arg(long, default_value_t = 256)]
+    producer_buffer_mib: usize,
+    /// Compression of Kafka records: zstd, lz4, snappy, gzip or none (receive).
+    #[arg(long, default_value = "zstd")]
+    compression: String,
+    /// Where blocks are written: a directory or `file://` URL (write).
+    #[arg(long, env = "LOUPE_STORAGE")]
+    storage: Option<String>,
+    /// Consumer group of the writers (write).
+    #[arg(
+        long = "kafka-group",
+        env = "LOUPE_KAFKA_GROUP",
+        default_value = "loupe-writers"
+    )]
+    group_id: String,
+    /// Longest time kept spans wait before they are written as a block (write).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    flush_interval: Duration,
+    /// Kept spans of a tenant, in MiB, that trigger a block before the interval (write).
+    #[arg(long, default_value_t = 64)]
+    flush_mib: usize,
+    /// Traces held awaiting their sampling decision per partition (write).
+    #[arg(long, default_value_t = 100_000)]
+    max_traces: usize,
+    /// Buffered spans, in MiB, above which consumption pauses (write).
+    #[arg(long, default_value_t = 1024)]
+    max_buffer_mib: usize,
+    /// How soon a dead writer's partitions move to the others (write).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    session_timeout: Duration,
+}
+
+pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
+    let receive = matches!(args.role, Role::Receive | Role::All);
+    let write = matches!(args.role, Role::Write | Role::All);
+    let mut exposed = vec![args.metrics_addr];
+    if receive {
+        exposed.extend([args.grpc_addr, args.http_addr]);
+    }
+    check_open_access(&exposed, args.no_auth)?;
+    let config = load_config(args.config.as_deref())?;
+    let kafka = args.kafka.config();
+    let partitions = kafka::ensure_topic(
+        &kafka,
+        args.kafka.partitions,
+        args.kafka.replication,
+        Duration::from_secs(10),
+    )
+    .await?;
+
+    let mut registry = Registry::default();
+    let ingest_metrics = Arc::new(IngestMetrics::new(&mut registry));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    let mut lines =
+        vec![format!(
+        "loupe ingester ({:?}) is running\n  kafka      {} topic {} ({partitions} partitions)",
+        args.role, kafka.brokers, kafka.topic
+    )
+    .to_lowercase()];
+
+    let mut sink = None;
+    if receive {
+        let settings = ProducerSettings {
+            delivery_timeout: args.delivery_timeout,
+            max_buffer_bytes: args.producer_buffer_mib << 20,
+            compression: args.compression.clone(),
+            ..ProducerSettings::default()
+        };
+        let producer = Arc::new(KafkaSink::new(kafka.clone(), settings)?);
+        sink = Some(producer.clone());
+        let ingest = Arc::new(Ingest::new(
+            producer,
+            &config,
+            Auth::Open {
+                tenant: args.tenant.clone(),
+            },
+            ingest_metrics.clone(),
+        )?);
+        let (grpc, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
+        let (http, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
+        servers.push(serve(
+            grpc,
+            loupe_ingester::grpc::router(ingest.clone()),
+            &stop_rx,
+        ));
+        servers.push(serve(http, loupe_ingester::http::router(ingest), &stop_rx));
+        lines.push(format!(
+            "  otlp-grpc  {grpc_local}\n  otlp-http  http://{http_local}/v1/traces"
+        ));
+    }
+
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let mut writer_thread = None;
+    if write {
+        let Some(location) = &args.storage else {
+            bail!("the write role needs --storage (a directory or file:// URL for blocks)");
+        };
+        let storage = Storage::open(location)?;
+        let settings = WriteRoleSettings {
+            group_id: args.group_id.clone(),
+            writer: WriterConfig {
+                flush_interval: args.flush_interval,
+                flush_bytes: args.flush_mib << 20,
+                max_traces: args.max_traces,
+                ..WriterConfig::default()
+            },
+            max_buffer_bytes: args.max_buffer_mib << 20,
+            session_timeout: args.session_timeout,
+        };
+        let rules = Arc::new(SamplingRules::from_config(&config));
+        let writer_metrics = Arc::new(WriterMetrics::new(&mut registry));
+        let runtime = tokio::runtime::Handle::current();
+        let stop = stop_writer.clone();
+        let kafka = kafka.clone();
+        let ingest_metrics = ingest_metrics.clone();
+        lines.push(format!("  storage    {}", storage.url()));
+        writer_thread = Some(
+            std::thread::Builder::new()
+                .name("loupe-writer".into())
+                .spawn(move || {
+                    let services = WriterServices {
+                        storage,
+                        rules,
+                        metrics: writer_metrics,
+                        ingest_metrics,
+                        runtime,
+                    };
+                    kafka::run_writer(&kafka, &settings, services, stop)
+                })
+                .context("cannot start the writer thread")?,
+        );
+    }
+
+    let (ops, ops_local) = bind(args.metrics_addr, "metrics").await?;
+    servers.push(serve(ops, ops_router(registry), &stop_rx));
+    lines.push(format!("  metrics    http://{ops_local}/metrics"));
+    say(&lines.join("\n"));
+
+    let writer_done = async {
+        match &writer_thread {
+            Some(t) => {
+                while !t.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = writer_done => tracing::error!("the writer stopped on its own"),
+    }
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    if let Some(sink) = sink {
+        sink.flush(args.delivery_timeout);
+    }
+    stop_writer.store(true, Ordering::Relaxed);
+    if let Some(t) = writer_thread {
+        let result = tokio::task::spawn_blocking(move || t.join())
+            .await
+            .context("joining the writer")?;
+        match result {
+            Ok(r) => r?,
+            Err(_) => bail!("the writer thread panicked"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct QuerierArgs {
+    /// Where the writers put blocks: a directory or `file://` URL.
+    #[arg(long, env = "LOUPE_STORAGE")]
+    storage: String,
+    /// Query API listen address (also serves /metrics and /health).
+    #[arg(long, env = "LOUPE_QUERY_ADDR", default_value = "127.0.0.1:3000")]
+    query_addr: SocketAddr,
+    /// How often storage is listed for new blocks.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    refresh: Duration,
+    /// Tenant served until keys are configured.
+    #[arg(long, env = "LOUPE_TENANT", default_value = "default/default")]
+    tenant: TenantId,
+    /// Serve without keys on a non-loopback address.
+    #[arg(long)]
+    no_auth: bool,
+}
+
+pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
+    check_open_access(&[args.query_addr], args.no_auth)?;
+    let storage = Storage::open(&args.storage)?;
+    let index = StorageIndex::new(storage.clone());
+    let blocks = index
+        .refresh()
+        .await
+        .with_context(|| format!("cannot list blocks in {}", storage.url()))?;
+    tokio::spawn(index.clone().refresh_loop(args.refresh));
+    let mut registry = Registry::default();
+    let metrics = QueryMetrics::new(&mut registry);
+    let engine = Arc::new(QueryEngine::new(Arc::new(index), storage.object_store()));
+    let router = loupe_querier::api::router(
+        engine,
+        QueryAuth::Open {
+            tenant: args.tenant,
+        },
+        metrics,
+    )
+    .merge(ops_router(registry));
+    let (listener, local) = bind(args.query_addr, "the query API").await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = serve(listener, router, &stop_rx);
+    say(&format!(
+        "loupe querier is running\n  query-api  http://{local}/api/v1/traces\n  storage    {} ({blocks} blocks)",
+        storage.url()
+    ));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DevKafkaArgs {
+    /// Topic to create.
+    #[arg(long, default_value = kafka::DEFAULT_TOPIC)]
+    topic: String,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+}
+
+/// Runs librdkafka's in-memory mock cluster (one broker) until Ctrl-C: a Kafka to try
+/// the distributed roles on one machine. Data lives in memory only.
+pub async fn run_dev_kafka(args: DevKafkaArgs) -> anyhow::Result<()> {
+    let cluster = rdkafka::mocking::MockCluster::new(1).context("cannot start the mock cluster")?;
+    cluster
+        .create_topic(&args.topic, args.partitions, 1)
+        .context("cannot create the topic")?;
+    say(&format!(
+        "mock Kafka (librdkafka's mock cluster, in memory) is running\n  brokers    {}\n  topic      {} ({} partitions)",
+        cluster.bootstrap_servers(),
+        args.topic,
+        args.partitions
+    ));
+    shutdown_signal().await;
+    drop(cluster);
+    Ok(())
+}
