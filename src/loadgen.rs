@@ -50,6 +50,11 @@ pub struct Args {
     /// Send nothing; measure trace-by-id on traces found by a search (needs --query-url).
     #[arg(long, requires = "query_url")]
     skip_ingest: bool,
+    /// While sending, measure freshness: every 500 ms take the latest acknowledged
+    /// trace and poll the query API (--query-url) until it is served; reports the
+    /// time from acknowledgment to queryable.
+    #[arg(long, requires = "query_url")]
+    freshness: bool,
     /// Print the final report as JSON.
     #[arg(long)]
     json: bool,
@@ -66,6 +71,67 @@ struct Totals {
     errors: AtomicU64,
     /// A sample of acknowledged trace ids (hex), for the query measurement.
     sent: std::sync::Mutex<Vec<String>>,
+    /// The latest acknowledged trace and when it was acknowledged.
+    latest: std::sync::Mutex<Option<(String, Instant)>>,
+}
+
+/// Polls for one trace until the query API serves it; returns the time since `acked`.
+async fn await_queryable(
+    client: &reqwest::Client,
+    url: &str,
+    id: &str,
+    acked: Instant,
+) -> Option<Duration> {
+    let base = url.trim_end_matches('/');
+    while acked.elapsed() < Duration::from_secs(300) {
+        if let Ok(r) = client
+            .get(format!("{base}/api/v1/traces/{id}"))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            return Some(acked.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+/// Every 500 ms, probes how long the latest acknowledged trace takes to be served.
+fn spawn_freshness_probes(
+    url: String,
+    totals: Arc<Totals>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(Histogram<u64>, u64)> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut probes = Vec::new();
+        let mut last_id = String::new();
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let latest = totals.latest.lock().expect("lock").clone();
+            let Some((id, acked)) = latest else { continue };
+            if id == last_id {
+                continue;
+            }
+            last_id = id.clone();
+            let (client, url) = (client.clone(), url.clone());
+            probes.push(tokio::spawn(async move {
+                await_queryable(&client, &url, &id, acked).await
+            }));
+        }
+        let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        let mut lost = 0;
+        for p in probes {
+            match p.await.ok().flatten() {
+                Some(d) => {
+                    let _ = h.record(d.as_micros() as u64);
+                }
+                None => lost += 1,
+            }
+        }
+        (h, lost)
+    })
 }
 
 const MAX_SAMPLED_IDS: usize = 100_000;
@@ -219,6 +285,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         let _ = local.record(t0.elapsed().as_micros() as u64);
                         totals.spans.fetch_add(n, Ordering::Relaxed);
                         totals.bytes.fetch_add(bytes, Ordering::Relaxed);
+                        *totals.latest.lock().expect("lock") =
+                            Some((first_trace.clone(), Instant::now()));
                         let mut sent = totals.sent.lock().expect("lock");
                         if sent.len() < MAX_SAMPLED_IDS {
                             sent.push(first_trace);
@@ -234,6 +302,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let _ = histogram.lock().await.add(&local);
         }));
     }
+
+    let freshness_stop = Arc::new(AtomicBool::new(false));
+    let freshness = match (&args.query_url, args.freshness) {
+        (Some(url), true) => Some(spawn_freshness_probes(
+            url.clone(),
+            totals.clone(),
+            freshness_stop.clone(),
+        )),
+        _ => None,
+    };
 
     let progress = {
         let (totals, stop) = (totals.clone(), stop.clone());
@@ -265,6 +343,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     progress.abort();
     let elapsed = started.elapsed().as_secs_f64();
+    freshness_stop.store(true, Ordering::Relaxed);
+    let freshness = match freshness {
+        Some(task) => {
+            eprintln!("waiting for the last freshness probes to be served…");
+            let (h, lost) = task.await?;
+            Some(serde_json::json!({
+                "probes": h.len(),
+                "never_served": lost,
+                "seconds": {
+                    "p50": h.value_at_quantile(0.50) as f64 / 1e6,
+                    "p95": h.value_at_quantile(0.95) as f64 / 1e6,
+                    "p99": h.value_at_quantile(0.99) as f64 / 1e6,
+                    "max": h.max() as f64 / 1e6,
+                }
+            }))
+        }
+        None => None,
+    };
     let h = histogram.lock().await;
     let spans = totals.spans.load(Ordering::Relaxed);
     let bytes = totals.bytes.load(Ordering::Relaxed);
@@ -304,6 +400,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(q) = &query {
         report["query"] = q.clone();
     }
+    if let Some(f) = &freshness {
+        report["freshness"] = f.clone();
+    }
     if args.json {
         println!("{report}");
     } else {
@@ -323,6 +422,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
         if let Some(q) = &query {
             print_query_report(q);
+        }
+        if let Some(f) = &freshness {
+            println!(
+                "freshness (acknowledged → queryable): {} probes, p50 {:.2} s, p95 {:.2} s, p99 {:.2} s, max {:.2} s, never served {}",
+                f["probes"],
+                f["seconds"]["p50"].as_f64().unwrap_or(0.0),
+                f["seconds"]["p95"].as_f64().unwrap_or(0.0),
+                f["seconds"]["p99"].as_f64().unwrap_or(0.0),
+                f["seconds"]["max"].as_f64().unwrap_or(0.0),
+                f["never_served"]
+            );
         }
     }
     if let Some(e) = last_error.lock().expect("lock").take() {
