@@ -50,7 +50,7 @@ impl Default for WriterConfig {
             flush_interval: Duration::from_secs(5),
             flush_bytes: 128 << 20,
             max_traces: 100_000,
-            remembered_decisions: 200_000,
+            remembered_decisions: 50_000,
         }
     }
 }

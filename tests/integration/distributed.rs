@@ -219,6 +219,8 @@ pub async fn await_traces(
 struct Load {
     acked: Arc<Mutex<BTreeSet<String>>>,
     failed: Arc<Mutex<usize>>,
+    /// gRPC status codes of failed exports (connection failures excluded).
+    codes: Arc<Mutex<Vec<tonic::Code>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -227,10 +229,12 @@ impl Load {
     fn start(grpc: &str, service: &'static str, exporters: usize) -> Load {
         let acked = Arc::new(Mutex::new(BTreeSet::new()));
         let failed = Arc::new(Mutex::new(0));
+        let codes = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let tasks = (0..exporters)
             .map(|_| {
                 let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+                let codes = codes.clone();
                 let endpoint = grpc.to_owned();
                 tokio::spawn(async move {
                     let mut client = None;
@@ -255,8 +259,9 @@ impl Load {
                             Ok(_) => {
                                 acked.lock().unwrap().insert(hex(&t));
                             }
-                            Err(_) => {
+                            Err(status) => {
                                 *failed.lock().unwrap() += 1;
+                                codes.lock().unwrap().push(status.code());
                                 client = None;
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                             }
@@ -268,6 +273,7 @@ impl Load {
         Load {
             acked,
             failed,
+            codes,
             stop,
             tasks,
         }
@@ -618,13 +624,25 @@ async fn broker_outage_fails_exports_and_loses_no_acknowledged_span() {
     load.wait_acked(50).await;
     mock.broker_down(1).unwrap();
     let before = load.acked();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // OTLP/HTTP clients are told to come back later.
+    let (_, req) = simple_trace("outage-svc", "http");
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/traces", receive.http))
+        .header("content-type", "application/x-protobuf")
+        .body(prost::Message::encode_to_vec(&req))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let failed_while_down = *load.failed.lock().unwrap();
     let acked_while_down = load.acked() - before;
     mock.broker_up(1).unwrap();
     // The receive role recovers by itself.
     let after = load.acked();
     load.wait_acked(after + 50).await;
+    let codes = load.codes.clone();
     let (acked, failed) = load.finish().await;
 
     assert!(
@@ -636,6 +654,11 @@ async fn broker_outage_fails_exports_and_loses_no_acknowledged_span() {
         "{acked_while_down} exports acknowledged with the broker down"
     );
     assert!(failed >= failed_while_down);
+    let codes = codes.lock().unwrap().clone();
+    assert!(
+        codes.contains(&tonic::Code::Unavailable),
+        "gRPC clients are told to retry: {codes:?}"
+    );
     await_traces(&querier, "outage-svc", &acked, Duration::from_secs(90)).await;
 }
 
