@@ -178,13 +178,20 @@ async fn measure_queries(
     Ok(serde_json::json!({
         "requests": samples,
         "errors": errors,
-        "latency_ms": {
-            "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
-            "p95": h.value_at_quantile(0.95) as f64 / 1000.0,
-            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
-            "max": h.max() as f64 / 1000.0,
-        }
+        "latency_ms": percentiles(&h, 1000.0)
     }))
+}
+
+/// p50/p95/p99/max of a histogram of microseconds, divided into the report's unit
+/// (1000 for milliseconds, 1e6 for seconds).
+fn percentiles(h: &Histogram<u64>, micros_per_unit: f64) -> serde_json::Value {
+    let q = |p| h.value_at_quantile(p) as f64 / micros_per_unit;
+    serde_json::json!({
+        "p50": q(0.50),
+        "p95": q(0.95),
+        "p99": q(0.99),
+        "max": h.max() as f64 / micros_per_unit,
+    })
 }
 
 /// Trace ids of the load generator's service, found by a search.
@@ -351,12 +358,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Some(serde_json::json!({
                 "probes": h.len(),
                 "never_served": lost,
-                "seconds": {
-                    "p50": h.value_at_quantile(0.50) as f64 / 1e6,
-                    "p95": h.value_at_quantile(0.95) as f64 / 1e6,
-                    "p99": h.value_at_quantile(0.99) as f64 / 1e6,
-                    "max": h.max() as f64 / 1e6,
-                }
+                "seconds": percentiles(&h, 1e6)
             }))
         }
         None => None,
@@ -377,12 +379,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "spans_per_sec": spans as f64 / elapsed,
         "mb_per_sec": bytes as f64 / elapsed / 1e6,
         "bytes_per_span": bytes.checked_div(spans).unwrap_or(0),
-        "latency_ms": {
-            "p50": h.value_at_quantile(0.50) as f64 / 1000.0,
-            "p95": h.value_at_quantile(0.95) as f64 / 1000.0,
-            "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
-            "max": h.max() as f64 / 1000.0,
-        }
+        "latency_ms": percentiles(&h, 1000.0)
     });
     let query = match &args.query_url {
         Some(url) if spans > 0 => {

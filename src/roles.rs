@@ -205,7 +205,9 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
     }
 
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let mut writer_thread = None;
+    // The writer thread reports how it ended through this channel (dropped unsent
+    // if it panicked).
+    let mut writer_ended = None;
     if write {
         let Some(location) = &args.storage else {
             bail!("the write role needs --storage (a directory or file:// URL for blocks)");
@@ -229,21 +231,21 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         let kafka = kafka.clone();
         let ingest_metrics = ingest_metrics.clone();
         lines.push(format!("  storage    {}", storage.url()));
-        writer_thread = Some(
-            std::thread::Builder::new()
-                .name("loupe-writer".into())
-                .spawn(move || {
-                    let services = WriterServices {
-                        storage,
-                        rules,
-                        metrics: writer_metrics,
-                        ingest_metrics,
-                        runtime,
-                    };
-                    kafka::run_writer(&kafka, &settings, services, stop)
-                })
-                .context("cannot start the writer thread")?,
-        );
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("loupe-writer".into())
+            .spawn(move || {
+                let services = WriterServices {
+                    storage,
+                    rules,
+                    metrics: writer_metrics,
+                    ingest_metrics,
+                    runtime,
+                };
+                let _ = ended_tx.send(kafka::run_writer(&kafka, &settings, services, stop));
+            })
+            .context("cannot start the writer thread")?;
+        writer_ended = Some(ended_rx);
     }
 
     let (ops, ops_local) = bind(args.metrics_addr, "metrics").await?;
@@ -251,20 +253,21 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
     lines.push(format!("  metrics    http://{ops_local}/metrics"));
     say(&lines.join("\n"));
 
-    let writer_done = async {
-        match &writer_thread {
-            Some(t) => {
-                while !t.is_finished() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+    let ended_early = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            None
+        }
+        ended = async {
+            match writer_ended.as_mut() {
+                Some(rx) => rx.await,
+                None => std::future::pending().await,
             }
-            None => std::future::pending::<()>().await,
+        } => {
+            tracing::error!("the writer stopped on its own");
+            Some(ended)
         }
     };
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-        _ = writer_done => tracing::error!("the writer stopped on its own"),
-    }
     let _ = stop_tx.send(true);
     for s in servers {
         let _ = s.await;
@@ -273,14 +276,15 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         sink.flush(args.delivery_timeout);
     }
     stop_writer.store(true, Ordering::Relaxed);
-    if let Some(t) = writer_thread {
-        let result = tokio::task::spawn_blocking(move || t.join())
-            .await
-            .context("joining the writer")?;
-        match result {
-            Ok(r) => r?,
-            Err(_) => bail!("the writer thread panicked"),
-        }
+    let ended = match (ended_early, writer_ended) {
+        (Some(ended), _) => Some(ended),
+        (None, Some(rx)) => Some(rx.await),
+        (None, None) => None,
+    };
+    match ended {
+        Some(Ok(result)) => result?,
+        Some(Err(_)) => bail!("the writer thread panicked"),
+        None => {}
     }
     Ok(())
 }

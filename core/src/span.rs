@@ -225,6 +225,23 @@ impl SpanRecord {
     }
 }
 
+/// Splits spans into traces, in order of first appearance, keeping span order within
+/// each trace.
+pub fn group_by_trace(spans: Vec<SpanRecord>) -> Vec<(Vec<u8>, Vec<SpanRecord>)> {
+    let mut traces: Vec<(Vec<u8>, Vec<SpanRecord>)> = Vec::new();
+    let mut index: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+    for span in spans {
+        match index.get(&span.trace_id) {
+            Some(&i) => traces[i].1.push(span),
+            None => {
+                index.insert(span.trace_id.clone(), traces.len());
+                traces.push((span.trace_id.clone(), vec![span]));
+            }
+        }
+    }
+    traces
+}
+
 /// A batch of normalized spans of one tenant: the queue payload.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SpanBatch {

@@ -218,13 +218,7 @@ impl Storage {
         for o in &objects {
             let p = o.location.as_ref();
             if let Some(stem) = p.strip_suffix(".meta.json") {
-                let bytes = self.store.get(&o.location).await?.bytes().await?;
-                let meta: BlockMeta =
-                    serde_json::from_slice(&bytes).map_err(|e| StorageError::BadMeta {
-                        path: p.to_owned(),
-                        reason: e.to_string(),
-                    })?;
-                metas.push((stem.to_owned(), meta));
+                metas.push((stem.to_owned(), self.read_meta(p).await?));
             } else if let Some(stem) = p.strip_suffix(".parquet") {
                 parquet.insert(stem.to_owned());
             }

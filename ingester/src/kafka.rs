@@ -8,14 +8,14 @@
 //! `acks=all`, consumer groups with manual commits, and an explicit CreateTopics when
 //! the topic is missing (no transactions, no auto-creation, no CreatePartitions).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use loupe_core::TenantId;
-use loupe_core::span::{SpanBatch, SpanRecord};
+use loupe_core::span::{SpanBatch, SpanRecord, group_by_trace};
 use loupe_core::storage::Storage;
 use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -263,17 +263,7 @@ impl SpanSink for KafkaSink {
                 return Ok(());
             }
             // One record per trace: the key routes it, and a writer decides it whole.
-            let mut traces: Vec<(Vec<u8>, Vec<SpanRecord>)> = Vec::new();
-            let mut index: HashMap<Vec<u8>, usize> = HashMap::new();
-            for span in spans {
-                match index.get(&span.trace_id) {
-                    Some(&i) => traces[i].1.push(span),
-                    None => {
-                        index.insert(span.trace_id.clone(), traces.len());
-                        traces.push((span.trace_id.clone(), vec![span]));
-                    }
-                }
-            }
+            let traces = group_by_trace(spans);
             let producer = self.producer();
             let mut deliveries = Vec::with_capacity(traces.len());
             for (trace_id, spans) in traces {

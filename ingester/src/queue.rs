@@ -565,8 +565,17 @@ mod tests {
     }
 
     async fn open(dir: &std::path::Path) -> EmbeddedQueue {
+        open_with(dir, |_| {}).await
+    }
+
+    /// Opens a queue that flushes only when asked, after `tweak` edits its config.
+    async fn open_with(
+        dir: &std::path::Path,
+        tweak: impl FnOnce(&mut QueueConfig),
+    ) -> EmbeddedQueue {
         let mut cfg = QueueConfig::new(dir.join("wal"));
         cfg.writer.flush_interval = Duration::from_secs(3600);
+        tweak(&mut cfg);
         let storage = Storage::open(dir.join("blocks").to_str().unwrap()).unwrap();
         EmbeddedQueue::open(
             cfg,
@@ -651,20 +660,11 @@ mod tests {
     #[tokio::test]
     async fn a_full_head_refuses_appends_instead_of_growing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = QueueConfig::new(dir.path().join("wal"));
-        cfg.writer.flush_interval = Duration::from_secs(3600);
-        cfg.max_head_bytes = 1;
-        cfg.writer.flush_bytes = usize::MAX;
-        let storage = Storage::open(dir.path().join("blocks").to_str().unwrap()).unwrap();
-        let q = EmbeddedQueue::open(
-            cfg,
-            storage,
-            Arc::new(SamplingRules::default()),
-            Arc::new(IngestMetrics::unregistered()),
-            Arc::new(WriterMetrics::unregistered()),
-        )
-        .await
-        .unwrap();
+        let q = open_with(dir.path(), |cfg| {
+            cfg.max_head_bytes = 1;
+            cfg.writer.flush_bytes = usize::MAX;
+        })
+        .await;
         let t: TenantId = "ns/a".parse().unwrap();
         q.append(&t, spans(1, 1)).await.unwrap();
         let err = q.append(&t, spans(2, 1)).await.unwrap_err();

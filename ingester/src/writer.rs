@@ -22,7 +22,7 @@ use arrow::array::RecordBatch;
 use loupe_core::TenantId;
 use loupe_core::config::DataPlaneConfig;
 use loupe_core::sampling::SamplingPolicy;
-use loupe_core::span::{SpanRecord, spans_to_batch};
+use loupe_core::span::{SpanRecord, group_by_trace, spans_to_batch};
 
 use crate::metrics::WriterMetrics;
 
@@ -185,7 +185,7 @@ pub struct PartitionWriter {
     metrics: Arc<WriterMetrics>,
     pending: HashMap<TraceKey, PendingTrace>,
     pending_bytes: usize,
-    deadlines: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Heap entry id → trace key (heap entries cannot hold the key cheaply).
     heap_keys: HashMap<u64, TraceKey>,
     next_entry: u64,
@@ -257,15 +257,8 @@ impl PartitionWriter {
             self.keep(tenant, spans, offset, offset, now);
             return;
         };
-        // Group by trace: a record usually holds one trace, but need not.
-        let mut groups: Vec<(Vec<u8>, Vec<SpanRecord>)> = Vec::new();
-        for span in spans {
-            match groups.iter_mut().find(|(id, _)| *id == span.trace_id) {
-                Some((_, g)) => g.push(span),
-                None => groups.push((span.trace_id.clone(), vec![span])),
-            }
-        }
-        for (trace_id, spans) in groups {
+        // A Kafka record holds one trace; a log record may hold several.
+        for (trace_id, spans) in group_by_trace(spans) {
             let key = TraceKey {
                 tenant: tenant.clone(),
                 trace_id,
@@ -306,7 +299,7 @@ impl PartitionWriter {
             trace.max_offset = trace.max_offset.max(offset);
             trace.deadline = deadline;
             trace.generation = entry;
-            self.deadlines.push(Reverse((deadline, entry, entry)));
+            self.deadlines.push(Reverse((deadline, entry)));
             self.heap_keys.insert(entry, key);
         }
     }
@@ -314,7 +307,7 @@ impl PartitionWriter {
     /// Decides every trace whose decision wait is over, and the least recently
     /// updated traces beyond the memory cap.
     pub fn tick(&mut self, now: Instant) {
-        while let Some(Reverse((deadline, _, entry))) = self.deadlines.peek().copied() {
+        while let Some(Reverse((deadline, entry))) = self.deadlines.peek().copied() {
             let over_cap = self.pending.len() > self.config.max_traces;
             if deadline > now && !over_cap {
                 break;

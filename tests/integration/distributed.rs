@@ -7,7 +7,7 @@
 //! (e.g. tansu; see tests/README.md). Every fault test checks through the query API
 //! that each acknowledged span is present exactly once.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -334,14 +334,7 @@ async fn spans_flow_from_receive_through_kafka_to_a_separate_querier() {
     // OTLP/HTTP goes the same way.
     for _ in 0..10 {
         let (t, req) = simple_trace("dist-svc", "h");
-        let r = reqwest::Client::new()
-            .post(format!("{}/v1/traces", receive.http))
-            .header("content-type", "application/x-protobuf")
-            .body(prost::Message::encode_to_vec(&req))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(receive.post_protobuf(&req).await.status(), 200);
         ids.insert(hex(&t));
     }
     await_traces(&querier, "dist-svc", &ids, Duration::from_secs(60)).await;
@@ -548,22 +541,6 @@ async fn standalone_applies_the_same_tail_sampling() {
     assert_seen_vs_kept(&loupe.metrics().await, all.len(), keep.len());
 }
 
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// Fault 1: SIGKILL while a block is half written (its Parquet file stored, its
 /// metadata not yet), then a restart: every acknowledged trace is there once.
 #[tokio::test]
@@ -626,13 +603,7 @@ async fn broker_outage_fails_exports_and_loses_no_acknowledged_span() {
     let before = load.acked();
     // OTLP/HTTP clients are told to come back later.
     let (_, req) = simple_trace("outage-svc", "http");
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/traces", receive.http))
-        .header("content-type", "application/x-protobuf")
-        .body(prost::Message::encode_to_vec(&req))
-        .send()
-        .await
-        .unwrap();
+    let r = receive.post_protobuf(&req).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -698,7 +669,17 @@ async fn a_surviving_writer_takes_over_the_partitions_of_a_killed_one() {
     let second = send(&receive, "takeover-svc", 40).await;
     let all: BTreeSet<String> = first.union(&second).cloned().collect();
     await_traces(&querier, "takeover-svc", &all, Duration::from_secs(90)).await;
-    assert!(b.log().contains("partitions assigned"), "{}", b.log());
+    let last_assignment = b
+        .log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("partitions assigned"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(
+        last_assignment.contains("[0, 1, 2, 3]"),
+        "the survivor owns every partition: {last_assignment}"
+    );
 }
 
 /// Fault 4: the receive role is killed with exports in flight. The clients saw
@@ -716,7 +697,5 @@ async fn receive_killed_with_exports_in_flight_loses_no_acknowledged_span() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (acked, failed) = load.finish().await;
     assert!(failed > 0, "in-flight exports failed at the kill");
-    let unique: HashSet<&String> = acked.iter().collect();
-    assert_eq!(unique.len(), acked.len());
     await_traces(&querier, "recv-crash-svc", &acked, Duration::from_secs(60)).await;
 }

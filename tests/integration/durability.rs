@@ -3,29 +3,19 @@
 
 use std::time::Duration;
 
-use prost::Message;
-
 use crate::harness::*;
 
 /// Sends `n` traces of 2 spans (gRPC and HTTP alternately); returns their ids once
 /// every export was acknowledged.
 async fn send_traces(loupe: &Loupe, n: usize, tag: &str) -> Vec<String> {
     let mut client = loupe.grpc_client().await;
-    let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for i in 0..n {
         let (t, req) = simple_trace("durable-svc", &format!("{tag}-{i}"));
         if i % 2 == 0 {
             client.export(req).await.unwrap();
         } else {
-            let r = http
-                .post(format!("{}/v1/traces", loupe.http))
-                .header("content-type", "application/x-protobuf")
-                .body(req.encode_to_vec())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+            assert_eq!(loupe.post_protobuf(&req).await.status(), 200);
         }
         ids.push(hex(&t));
     }
@@ -48,19 +38,10 @@ async fn assert_all_present_once(loupe: &Loupe, ids: &[String]) {
 }
 
 fn count_files(dir: &std::path::Path, suffix: &str) -> usize {
-    let mut n = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.to_string_lossy().ends_with(suffix) {
-                n += 1;
-            }
-        }
-    }
-    n
+    walk(dir)
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .count()
 }
 
 #[tokio::test]

@@ -139,6 +139,18 @@ impl Loupe {
             .unwrap()
     }
 
+    /// POSTs an export as OTLP/HTTP protobuf to `/v1/traces`.
+    pub async fn post_protobuf(&self, req: &ExportTraceServiceRequest) -> reqwest::Response {
+        use prost::Message;
+        reqwest::Client::new()
+            .post(format!("{}/v1/traces", self.http))
+            .header("content-type", "application/x-protobuf")
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GET a query API path; returns the status and the JSON body.
     pub async fn get(&self, path_and_query: &str) -> (u16, Value) {
         let r = reqwest::get(format!("{}{path_and_query}", self.query))
@@ -200,6 +212,23 @@ impl Drop for Loupe {
             }
         }
     }
+}
+
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 pub fn kv(key: &str, value: impl Into<Val>) -> KeyValue {
