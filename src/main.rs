@@ -10,6 +10,13 @@ mod traces_cmd;
 
 use clap::{Parser, Subcommand};
 
+// The write path allocates and frees many small buffers per span (protobuf decode,
+// Arrow builders, Parquet pages); glibc's allocator spent a third of the writer's
+// time in malloc/free under load (docs/benchmarks.md). DataFusion's CLI makes the
+// same choice.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "loupe",

@@ -359,7 +359,7 @@ pub async fn run_dev_kafka(args: DevKafkaArgs) -> anyhow::Result<()> {
         .create_topic(&args.topic, args.partitions, 1)
         .context("cannot create the topic")?;
     say(&format!(
-        "mock Kafka (librdkafka's mock cluster, in memory) is running\n  brokers    {}\n  topic      {} ({} partitions)",
+        "mock Kafka (librdkafka's mock cluster, in memory) is running\n  brokers    {}\n  topic      {} ({} partitions)\n  retention  the last 5 MB of each partition: a writer lagging further loses records (loupe_writer_records_lost_total)",
         cluster.bootstrap_servers(),
         args.topic,
         args.partitions

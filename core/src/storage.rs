@@ -28,9 +28,13 @@ pub fn blocks_prefix(tenant: &TenantId) -> String {
     format!("{}/blocks", tenant_prefix(tenant))
 }
 
-/// The id of a block holding a source's records `first..=last`.
-pub fn block_id(source: &str, first: u64, last: u64) -> String {
-    format!("{source}-{first:020}-{last:020}")
+/// The id of a block holding spans of a source's records `first..=last`, with a
+/// digest of its content. Writing the same content again (a retried flush) rewrites
+/// the same block; two different blocks of one offset range — a trace kept early and
+/// one decided later from the same record, or blocks that only count dropped spans —
+/// never overwrite each other.
+pub fn block_id(source: &str, first: u64, last: u64, digest: u64) -> String {
+    format!("{source}-{first:020}-{last:020}-{digest:016x}")
 }
 
 /// Metadata of one Parquet block, stored beside it as JSON.
@@ -101,11 +105,14 @@ mod tests {
     #[test]
     fn layout_is_tenant_scoped() {
         let t: TenantId = "team-a/chatbot".parse().unwrap();
-        let id = block_id("wal", 1, 42);
-        assert_eq!(id, "wal-00000000000000000001-00000000000000000042");
+        let id = block_id("wal", 1, 42, 0xabc);
+        assert_eq!(
+            id,
+            "wal-00000000000000000001-00000000000000000042-0000000000000abc"
+        );
         assert_eq!(
             parquet_path(&t, &id),
-            "tenants/team-a/chatbot/blocks/wal-00000000000000000001-00000000000000000042.parquet"
+            "tenants/team-a/chatbot/blocks/wal-00000000000000000001-00000000000000000042-0000000000000abc.parquet"
         );
         assert!(meta_path(&t, &id).ends_with(".meta.json"));
     }

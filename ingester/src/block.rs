@@ -1,12 +1,16 @@
 //! Parquet blocks: spans of one tenant, sorted by (trace_id, start_ns).
 
+use std::hash::Hasher as _;
+
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use arrow::compute::{SortColumn, interleave_record_batch, lexsort_to_indices};
 use arrow::datatypes::Int64Type;
 use bytes::Bytes;
 use loupe_core::span::{col, span_schema};
+use loupe_core::storage;
 use loupe_core::storage::{BLOCK_FORMAT_VERSION, BlockMeta, Storage, StorageError};
-use loupe_core::{TenantId, storage};
+
+use crate::writer::BlockJob;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
@@ -44,6 +48,8 @@ pub struct EncodedBlock {
     pub min_start_ns: i64,
     pub max_start_ns: i64,
     pub max_end_ns: i64,
+    /// Digest of the block's `(trace_id, span_id)` pairs in order.
+    pub digest: u64,
 }
 
 fn writer_properties(traces: u64) -> WriterProperties {
@@ -80,26 +86,26 @@ fn writer_properties(traces: u64) -> WriterProperties {
 pub fn encode(batches: &[RecordBatch]) -> Result<EncodedBlock, BlockError> {
     let enc = |e: &dyn std::fmt::Display| BlockError::Encode(e.to_string());
     let schema = span_schema();
-    let all = concat_batches(&schema, batches).map_err(|e| enc(&e))?;
-    let trace_ids = all.column(0).clone();
-    let starts = all.column(7).clone();
-    let indices = lexsort_to_indices(
-        &[
-            SortColumn {
-                values: trace_ids,
-                options: None,
-            },
-            SortColumn {
-                values: starts,
-                options: None,
-            },
-        ],
-        None,
-    )
-    .map_err(|e| enc(&e))?;
-    let sorted = take_record_batch(&all, &indices).map_err(|e| enc(&e))?;
+    // Sort on (trace_id, start) across the chunks, then gather every column once in
+    // that order: concatenating the chunks first would copy every text column twice.
+    let keys = |c: usize| {
+        let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(c).as_ref()).collect();
+        arrow::compute::concat(&parts).map_err(|e| enc(&e))
+    };
+    let sorted = if batches.iter().all(|b| b.num_rows() == 0) {
+        RecordBatch::new_empty(schema.clone())
+    } else {
+        sort_chunks(batches, keys(0)?, keys(7)?).map_err(|e| enc(&e))?
+    };
 
     let ids = sorted.column(0).as_fixed_size_binary();
+    let span_ids = sorted.column(1).as_fixed_size_binary();
+    // SipHash with fixed keys: the same content gives the same digest in every run.
+    let mut digest = std::hash::DefaultHasher::new();
+    for i in 0..ids.len() {
+        digest.write(ids.value(i));
+        digest.write(span_ids.value(i));
+    }
     let traces = (0..ids.len())
         .filter(|&i| i == 0 || ids.value(i) != ids.value(i - 1))
         .count() as u64;
@@ -121,7 +127,33 @@ pub fn encode(batches: &[RecordBatch]) -> Result<EncodedBlock, BlockError> {
         min_start_ns,
         max_start_ns,
         max_end_ns,
+        digest: digest.finish(),
     })
+}
+
+/// Sorts rows of `batches` by the concatenated `trace_ids`, then `starts`, gathering
+/// each column once.
+fn sort_chunks(
+    batches: &[RecordBatch],
+    trace_ids: arrow::array::ArrayRef,
+    starts: arrow::array::ArrayRef,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let sort = |values| SortColumn {
+        values,
+        options: None,
+    };
+    let indices = lexsort_to_indices(&[sort(trace_ids), sort(starts)], None)?;
+    let mut chunk_of = Vec::with_capacity(indices.len());
+    for (i, b) in batches.iter().enumerate() {
+        chunk_of.extend((0..b.num_rows()).map(|row| (i, row)));
+    }
+    let order: Vec<(usize, usize)> = indices
+        .values()
+        .iter()
+        .map(|&i| chunk_of[i as usize])
+        .collect();
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    interleave_record_batch(&refs, &order)
 }
 
 /// Encodes and stores a block holding `source` records `first..=last`, then its
@@ -129,17 +161,19 @@ pub fn encode(batches: &[RecordBatch]) -> Result<EncodedBlock, BlockError> {
 /// paths, so a retried flush never leaves two copies.
 pub async fn write(
     storage: &Storage,
-    tenant: &TenantId,
     source: &str,
-    first: u64,
-    last: u64,
-    batches: Vec<RecordBatch>,
-    seen_spans: u64,
+    job: &BlockJob,
 ) -> Result<BlockMeta, BlockError> {
+    let (tenant, first, last, seen_spans) = (&job.tenant, job.first, job.last, job.seen_spans);
+    let batches = job.batches.clone();
     let block = tokio::task::spawn_blocking(move || encode(&batches))
         .await
         .map_err(|e| BlockError::Encode(e.to_string()))??;
-    let block_id = storage::block_id(source, first, last);
+    let mut digest = std::hash::DefaultHasher::new();
+    digest.write_u64(block.digest);
+    digest.write_u64(seen_spans);
+    digest.write_u64(job.seq);
+    let block_id = storage::block_id(source, first, last, digest.finish());
     let path = storage::parquet_path(tenant, &block_id);
     let size_bytes = block.parquet.len() as u64;
     storage.put_durable(&path, block.parquet).await?;
@@ -246,5 +280,54 @@ mod tests {
                 "t3-s1", "t3-s1", "t3-s5", "t3-s5", "t7-s1", "t7-s5", "t9-s1", "t9-s5"
             ]
         );
+    }
+
+    fn one_span(trace: u8) -> Vec<RecordBatch> {
+        let span = SpanRecord {
+            trace_id: vec![trace; 16],
+            span_id: vec![trace; 8],
+            start_ns: 1,
+            end_ns: 2,
+            ..Default::default()
+        };
+        vec![spans_to_batch(&[span]).unwrap()]
+    }
+
+    #[tokio::test]
+    async fn blocks_of_one_offset_range_never_overwrite_each_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        let t: loupe_core::TenantId = "ns/p".parse().unwrap();
+        // Two traces of one log record, written in two blocks; then two blocks that
+        // only count dropped spans, with no new record in between.
+        let job = |batches, seen, seq| BlockJob::new(t.clone(), 7, 7, batches, seen, seq);
+        let a = write(&storage, "wal", &job(one_span(1), 1, 0))
+            .await
+            .unwrap();
+        let b = write(&storage, "wal", &job(one_span(2), 1, 1))
+            .await
+            .unwrap();
+        // Same range, content and count as each other, one block apart.
+        let c = write(&storage, "wal", &job(Vec::new(), 3, 2))
+            .await
+            .unwrap();
+        let d = write(&storage, "wal", &job(Vec::new(), 3, 3))
+            .await
+            .unwrap();
+        let (metas, _) = storage.list_blocks().await.unwrap();
+        assert_eq!(metas.len(), 4, "{metas:?}");
+        assert_eq!(metas.iter().map(|m| m.spans).sum::<u64>(), 2);
+        assert_eq!(
+            metas.iter().map(|m| m.seen_spans).sum::<u64>(),
+            1 + 1 + 3 + 3
+        );
+        // A retried write of the same job is the same block.
+        let again = write(&storage, "wal", &job(one_span(1), 1, 0))
+            .await
+            .unwrap();
+        assert_eq!(again.block_id, a.block_id);
+        assert_eq!(storage.list_blocks().await.unwrap().0.len(), 4);
+        let ids: std::collections::HashSet<_> = [a, b, c, d].map(|m| m.block_id).into();
+        assert_eq!(ids.len(), 4);
     }
 }

@@ -357,6 +357,8 @@ struct Shared {
 struct PartitionState {
     writer: PartitionWriter,
     committed: Option<u64>,
+    /// Whether the first record read was compared with the group's commit.
+    start_checked: bool,
 }
 
 struct WriterContext {
@@ -411,6 +413,7 @@ impl ConsumerContext for WriterContext {
                                 self.shared.metrics.clone(),
                             ),
                             committed: None,
+                            start_checked: false,
                         });
                 }
                 tracing::info!(partitions = ?assigned, "partitions assigned");
@@ -448,15 +451,9 @@ impl Shared {
     fn write_block(&self, partition: i32, job: &BlockJob) -> Result<(), FlushError> {
         let started = Instant::now();
         let source = format!("p{partition}");
-        let meta = self.runtime.block_on(block::write(
-            &self.storage,
-            &job.tenant,
-            &source,
-            job.first,
-            job.last,
-            job.batches.clone(),
-            job.seen_spans,
-        ))?;
+        let meta = self
+            .runtime
+            .block_on(block::write(&self.storage, &source, job))?;
         let m = &self.ingest_metrics;
         m.blocks_written.inc();
         m.block_spans_written.inc_by(meta.spans);
@@ -499,6 +496,133 @@ impl Shared {
                 tracing::warn!(partition, error = %e, "committing offsets failed; retrying later")
             }
         }
+    }
+}
+
+/// Detects records the broker deleted before this writer read them: the topic's
+/// retention was shorter than the writers' lag, and their spans are lost. Offsets of
+/// a topic written by idempotent producers without transactions have no gaps, so a
+/// record past the expected offset means the ones between are gone; it is counted in
+/// `loupe_writer_records_lost_total` and logged, never passed over in silence.
+fn check_continuity(
+    consumer: &BaseConsumer<WriterContext>,
+    shared: &Shared,
+    partition: i32,
+    offset: u64,
+    state: &mut PartitionState,
+) {
+    let expected = match state.writer.next_offset() {
+        Some(next) => Some(next),
+        None if !state.start_checked => {
+            state.start_checked = true;
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&shared.topic, partition);
+            consumer
+                .committed_offsets(list, Duration::from_secs(5))
+                .ok()
+                .and_then(|l| {
+                    l.find_partition(&shared.topic, partition)
+                        .and_then(|e| e.offset().to_raw())
+                })
+                .filter(|&o| o >= 0)
+                .map(|o| o as u64)
+        }
+        None => None,
+    };
+    if let Some(expected) = expected
+        && offset > expected
+    {
+        let lost = offset - expected;
+        shared.metrics.records_lost.inc_by(lost);
+        tracing::error!(
+            partition,
+            first_lost = expected,
+            next_read = offset,
+            lost,
+            "Kafka deleted records before this writer read them (the topic's retention is shorter than the writers' lag); their spans are lost"
+        );
+    }
+}
+
+/// Whether this member's share of a stable group's partitions is smaller than any
+/// balanced assignment (range, round-robin, sticky) gives a member: then the
+/// coordinator's assignment was made for a membership that no longer exists.
+fn assignment_is_stale(partitions: usize, members: usize, mine: usize) -> bool {
+    members > 0 && mine < partitions / members
+}
+
+/// Guards against a group coordinator that evicts a dead member but keeps the
+/// assignment made for it (tansu 0.6.0 does, when a heartbeat notices the expiry):
+/// the dead member's partitions would then stay unowned. Every session timeout the
+/// writer describes its group; when its own share stays below what a balanced
+/// assignment gives each live member on two checks in a row, it leaves and rejoins
+/// the group, which makes the coordinator assign again. Brokers that cannot describe
+/// groups (librdkafka's mock cluster) turn the check off.
+struct AssignmentWatch {
+    every: Duration,
+    last: Instant,
+    suspect: Option<(usize, usize)>,
+    off: bool,
+}
+
+impl AssignmentWatch {
+    fn new(every: Duration) -> AssignmentWatch {
+        AssignmentWatch {
+            every,
+            last: Instant::now(),
+            suspect: None,
+            off: false,
+        }
+    }
+
+    /// True when the writer should leave and rejoin the group.
+    fn check(&mut self, consumer: &BaseConsumer<WriterContext>, topic: &str, group: &str) -> bool {
+        if self.off || self.last.elapsed() < self.every {
+            return false;
+        }
+        self.last = Instant::now();
+        let timeout = Duration::from_secs(1);
+        let groups = match consumer.fetch_group_list(Some(group), timeout) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(error = %e, "the broker cannot describe consumer groups; the stale-assignment check is off");
+                self.off = true;
+                return false;
+            }
+        };
+        let Some(info) = groups.groups().iter().find(|g| g.name() == group) else {
+            return false;
+        };
+        let partitions = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .ok()
+            .and_then(|m| {
+                m.topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.partitions().len())
+            });
+        let mine = consumer.assignment().map(|a| a.count());
+        let (Some(partitions), Ok(mine)) = (partitions, mine) else {
+            return false;
+        };
+        let members = info.members().len();
+        if info.state() != "Stable" || !assignment_is_stale(partitions, members, mine) {
+            self.suspect = None;
+            return false;
+        }
+        if self.suspect != Some((members, mine)) {
+            self.suspect = Some((members, mine));
+            return false;
+        }
+        self.suspect = None;
+        tracing::warn!(
+            members,
+            partitions,
+            owned = mine,
+            "the group coordinator kept an assignment made for members that are gone; leaving and rejoining the group so that every partition has an owner"
+        );
+        true
     }
 }
 
@@ -565,6 +689,7 @@ pub fn run_writer(
 
     let mut last_maintenance = Instant::now();
     let mut last_lag = Instant::now();
+    let mut watch = AssignmentWatch::new(settings.session_timeout);
     let mut paused = false;
     let mut backoff_until: Option<Instant> = None;
     let mut backoff = Duration::from_millis(500);
@@ -586,6 +711,7 @@ pub fn run_writer(
                 let Some(state) = parts.get_mut(&partition) else {
                     continue;
                 };
+                check_continuity(&consumer, &shared, partition, offset, state);
                 match decoded {
                     Ok((tenant, spans)) => {
                         state.writer.push(offset, &tenant, spans, Instant::now())
@@ -641,6 +767,12 @@ pub fn run_writer(
                 paused = consumer.resume(&assignment).is_err();
             }
         }
+        if watch.check(&consumer, &config.topic, &settings.group_id) {
+            consumer.unsubscribe();
+            consumer
+                .subscribe(&[config.topic.as_str()])
+                .map_err(KafkaSetupError::Client)?;
+        }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
             for (p, next) in assigned {
@@ -672,4 +804,28 @@ pub fn run_writer(
     drop(parts);
     consumer.unsubscribe();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_below_every_balanced_assignment_is_stale() {
+        // Two writers of four partitions; one died and the survivor kept its half.
+        assert!(assignment_is_stale(4, 1, 2));
+        assert!(assignment_is_stale(4, 1, 0));
+        assert!(
+            assignment_is_stale(8, 3, 1),
+            "3 members of 8 get 2 or 3 each"
+        );
+        // Balanced shares, including uneven ones, are fine.
+        assert!(!assignment_is_stale(4, 2, 2));
+        assert!(!assignment_is_stale(5, 2, 2));
+        assert!(!assignment_is_stale(8, 3, 2));
+        assert!(!assignment_is_stale(4, 1, 4));
+        // More members than partitions: a member may own nothing.
+        assert!(!assignment_is_stale(4, 6, 0));
+        assert!(!assignment_is_stale(4, 0, 0));
+    }
 }

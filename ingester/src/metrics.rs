@@ -179,6 +179,7 @@ pub struct WriterMetrics {
     pub committed_offset: Family<PartitionLabels, Gauge>,
     pub records_consumed: Counter,
     pub records_rejected: Counter,
+    pub records_lost: Counter,
     pub rebalances: Counter,
 }
 
@@ -194,6 +195,7 @@ impl WriterMetrics {
             committed_offset: Family::default(),
             records_consumed: Counter::default(),
             records_rejected: Counter::default(),
+            records_lost: Counter::default(),
             rebalances: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("loupe");
@@ -231,6 +233,11 @@ impl WriterMetrics {
             "writer_committed_offset",
             "Offset committed per partition (everything before it is in durable blocks)",
             m.committed_offset.clone(),
+        );
+        r.register(
+            "writer_records_lost",
+            "Kafka records the broker deleted (retention) before this writer read them: their spans are lost; raise the topic's retention above the writers' worst lag",
+            m.records_lost.clone(),
         );
         r.register(
             "writer_records_consumed",

@@ -316,16 +316,7 @@ impl EmbeddedQueue {
         let mut first_error = None;
         for job in jobs {
             let started = Instant::now();
-            let written = block::write(
-                &self.storage,
-                &job.tenant,
-                WAL_SOURCE,
-                job.first,
-                job.last,
-                job.batches.clone(),
-                job.seen_spans,
-            )
-            .await;
+            let written = block::write(&self.storage, WAL_SOURCE, &job).await;
             match written {
                 Ok(meta) => {
                     let m = &self.shared.metrics;

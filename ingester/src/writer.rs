@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use arrow::array::RecordBatch;
 use loupe_core::TenantId;
 use loupe_core::config::DataPlaneConfig;
-use loupe_core::sampling::SamplingPolicy;
+use loupe_core::sampling::{Decision, SamplingPolicy};
 use loupe_core::span::{SpanRecord, group_by_trace, spans_to_batch};
 
 use crate::metrics::WriterMetrics;
@@ -114,6 +114,8 @@ struct KeptBuffer {
     seen_spans: u64,
     /// When the oldest unflushed decision was made.
     since: Option<Instant>,
+    /// Blocks written from this buffer.
+    blocks_written: u64,
 }
 
 impl KeptBuffer {
@@ -175,7 +177,34 @@ pub struct BlockJob {
     /// Spans decided for this tenant since its previous block, kept or not: the
     /// block's `seen_spans`, from which sampled-out volume is extrapolated.
     pub seen_spans: u64,
+    /// Blocks of this tenant this writer wrote before: two blocks that share an
+    /// offset range, content and seen count still get different ids.
+    pub seq: u64,
     chunks: usize,
+}
+
+impl BlockJob {
+    /// A job outside a partition writer (tests, tools).
+    pub fn new(
+        tenant: TenantId,
+        first: u64,
+        last: u64,
+        batches: Vec<RecordBatch>,
+        seen_spans: u64,
+        seq: u64,
+    ) -> BlockJob {
+        let spans = batches.iter().map(|b| b.num_rows() as u64).sum();
+        BlockJob {
+            tenant,
+            first,
+            last,
+            chunks: batches.len(),
+            batches,
+            spans,
+            seen_spans,
+            seq,
+        }
+    }
 }
 
 /// Traces of one log partition on their way to blocks.
@@ -297,6 +326,14 @@ impl PartitionWriter {
             trace.bytes += bytes;
             trace.min_offset = trace.min_offset.min(offset);
             trace.max_offset = trace.max_offset.max(offset);
+            // Keeping is final (more spans only add reasons to keep), so a trace a
+            // rule keeps now is written without waiting; only dropping waits for the
+            // trace to be complete.
+            let decision = trace.policy.decide(&key.trace_id, &trace.spans);
+            if decision.keep {
+                self.settle(key, decision, now);
+                continue;
+            }
             trace.deadline = deadline;
             trace.generation = entry;
             self.deadlines.push(Reverse((deadline, entry)));
@@ -331,12 +368,20 @@ impl PartitionWriter {
     }
 
     fn decide(&mut self, key: TraceKey, now: Instant) {
+        let Some(trace) = self.pending.get(&key) else {
+            return;
+        };
+        let decision = trace.policy.decide(&key.trace_id, &trace.spans);
+        self.settle(key, decision, now);
+    }
+
+    /// Applies a decision to a held trace: its spans are kept or counted as seen.
+    fn settle(&mut self, key: TraceKey, decision: Decision, now: Instant) {
         let Some(trace) = self.pending.remove(&key) else {
             return;
         };
         self.pending_bytes -= trace.bytes;
         self.metrics.pending_traces.dec();
-        let decision = trace.policy.decide(&key.trace_id, &trace.spans);
         let n = trace.spans.len();
         self.metrics
             .record(&key.tenant, decision.keep, decision.reason.as_str(), n, 1);
@@ -435,6 +480,7 @@ impl PartitionWriter {
                 batches: buf.sealed.iter().map(|c| c.batch.clone()).collect(),
                 spans: buf.sealed.iter().map(|c| c.batch.num_rows() as u64).sum(),
                 seen_spans: buf.seen_spans,
+                seq: buf.blocks_written,
                 chunks: buf.sealed.len(),
             });
         }
@@ -448,9 +494,10 @@ impl PartitionWriter {
         };
         buf.sealed.drain(..job.chunks.min(buf.sealed.len()));
         buf.seen_spans = buf.seen_spans.saturating_sub(job.seen_spans);
+        buf.blocks_written += 1;
+        // The buffer stays (its block count names later blocks); it is due again at
+        // once if spans were kept or counted while the block was written.
         if buf.sealed.is_empty() && buf.open.is_empty() && buf.seen_spans == 0 {
-            self.kept.remove(&job.tenant);
-        } else if buf.sealed.is_empty() && buf.open.is_empty() {
             buf.since = None;
         }
     }
@@ -564,36 +611,35 @@ mod tests {
     }
 
     #[test]
-    fn traces_wait_for_their_decision_and_only_errors_are_kept() {
+    fn dropping_waits_for_the_decision_but_keeping_is_at_once() {
         let mut w = writer(10);
         let t = tenant("ns/sampled");
         let t0 = Instant::now();
         w.push(0, &t, vec![span(1, 1, None, false)], t0);
         w.push(1, &t, vec![span(2, 1, None, false)], t0);
+        w.tick(t0 + Duration::from_secs(4));
+        assert_eq!(w.pending_traces(), 2, "nothing is decided before the wait");
+        assert_eq!(rows(&mut w, &t), 0);
+        assert_eq!(w.safe_offset(), Some(0));
+
+        // An error span makes trace 1 a keeper: kept with its earlier span at once.
         w.push(
             2,
             &t,
             vec![span(1, 2, Some(1), true)],
             t0 + Duration::from_secs(5),
         );
-        w.tick(t0 + Duration::from_secs(9));
-        assert_eq!(w.pending_traces(), 2, "nothing is decided before the wait");
-        assert_eq!(w.safe_offset(), Some(0));
-
-        w.tick(t0 + Duration::from_secs(10));
-        assert_eq!(w.pending_traces(), 1, "trace 2 is decided (dropped)");
-        assert_eq!(rows(&mut w, &t), 0);
-        assert_eq!(w.safe_offset(), Some(0), "trace 1 (offset 0) still waits");
-
-        w.tick(t0 + Duration::from_secs(15));
-        assert_eq!(w.pending_traces(), 0);
-        assert_eq!(
-            rows(&mut w, &t),
-            2,
-            "both spans of the error trace are kept"
-        );
+        assert_eq!(w.pending_traces(), 1, "only trace 2 still waits");
+        assert_eq!(rows(&mut w, &t), 2, "both spans of the error trace");
         assert_eq!(w.safe_offset(), Some(0), "kept but not yet written");
-        let jobs = w.due_blocks(t0 + Duration::from_secs(15), true).unwrap();
+
+        w.tick(t0 + Duration::from_secs(9));
+        assert_eq!(w.pending_traces(), 1);
+        w.tick(t0 + Duration::from_secs(10));
+        assert_eq!(w.pending_traces(), 0, "trace 2 is decided (dropped)");
+        assert_eq!(rows(&mut w, &t), 2);
+
+        let jobs = w.due_blocks(t0 + Duration::from_secs(10), true).unwrap();
         assert_eq!((jobs[0].spans, jobs[0].seen_spans), (2, 3));
         w.written(&jobs[0]);
         assert_eq!(w.safe_offset(), Some(3));
@@ -606,7 +652,7 @@ mod tests {
             t0 + Duration::from_secs(16),
         );
         assert_eq!(rows(&mut w, &t), 1);
-        // A late span of the dropped trace is dropped at once.
+        // A late span of the dropped trace is dropped, even with an error.
         w.push(
             4,
             &t,
@@ -615,6 +661,44 @@ mod tests {
         );
         assert_eq!(rows(&mut w, &t), 1);
         assert_eq!(w.pending_traces(), 0);
+        assert_eq!(w.metrics.late_spans.get(), 2);
+    }
+
+    #[test]
+    fn drops_counted_while_a_block_is_written_go_into_the_next_block() {
+        let mut w = writer(10);
+        let t = tenant("ns/sampled");
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(10);
+        w.push(0, &t, vec![span(1, 1, None, false)], t0);
+        w.push(
+            1,
+            &t,
+            vec![span(2, 1, None, false), span(2, 2, Some(1), false)],
+            t0 + Duration::from_secs(1),
+        );
+        w.tick(t0 + wait);
+        let first = w.due_blocks(t0 + wait, true).unwrap();
+        assert_eq!((first[0].spans, first[0].seen_spans), (0, 1));
+        // Trace 2 is dropped while the first block is being written.
+        w.tick(t0 + wait + Duration::from_secs(1));
+        w.written(&first[0]);
+        let next = w
+            .due_blocks(t0 + wait + Duration::from_secs(6), false)
+            .unwrap();
+        assert_eq!(
+            next.len(),
+            1,
+            "the count is due by the interval, not left behind"
+        );
+        assert_eq!((next[0].seen_spans, next[0].seq), (2, 1));
+        w.written(&next[0]);
+        assert!(
+            w.due_blocks(t0 + Duration::from_secs(60), true)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(w.safe_offset(), Some(2));
     }
 
     #[test]
@@ -622,25 +706,27 @@ mod tests {
         let mut w = writer(2);
         let t = tenant("ns/sampled");
         let t0 = Instant::now();
-        w.push(0, &t, vec![span(1, 1, None, true)], t0);
-        w.push(
-            1,
-            &t,
-            vec![span(2, 1, None, true)],
-            t0 + Duration::from_secs(1),
-        );
-        w.push(
-            2,
-            &t,
-            vec![span(3, 1, None, true)],
-            t0 + Duration::from_secs(2),
-        );
+        for (i, trace) in [1u8, 2, 3].into_iter().enumerate() {
+            w.push(
+                i as u64,
+                &t,
+                vec![span(trace, 1, None, false)],
+                t0 + Duration::from_secs(i as u64),
+            );
+        }
         w.tick(t0 + Duration::from_secs(2));
         assert_eq!(w.pending_traces(), 2);
         assert_eq!(w.metrics.early_decisions.get(), 1);
-        let kept = w.kept_batches(&t);
-        let ids = arrow::array::AsArray::as_fixed_size_binary(kept[0].column(0));
-        assert_eq!(ids.value(0), [1u8; 16], "the oldest trace went first");
+        assert_eq!(w.safe_offset(), Some(1), "trace 1 (offset 0) went first");
+        // Its error span arrives too late: the trace was dropped.
+        w.push(
+            3,
+            &t,
+            vec![span(1, 2, Some(1), true)],
+            t0 + Duration::from_secs(3),
+        );
+        assert_eq!(w.metrics.late_spans.get(), 1);
+        assert_eq!(rows(&mut w, &t), 0);
     }
 
     #[test]

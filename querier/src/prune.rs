@@ -204,17 +204,17 @@ mod tests {
             .enumerate()
         {
             let batch = spans_to_batch(&spans(range)).unwrap();
-            let meta = loupe_ingester::block::write(
-                &storage,
-                &tenant,
-                "wal",
+            let job = loupe_ingester::writer::BlockJob::new(
+                tenant.clone(),
                 i as u64,
                 i as u64,
                 vec![batch],
                 0,
-            )
-            .await
-            .unwrap();
+                0,
+            );
+            let meta = loupe_ingester::block::write(&storage, "wal", &job)
+                .await
+                .unwrap();
             metas.push(meta);
         }
         let filters = TraceIdFilters::new(storage.object_store());

@@ -65,7 +65,7 @@ impl Broker {
 /// One broker, one topic, one storage directory, and the roles around them.
 pub struct Cluster {
     pub broker: Broker,
-    topic: String,
+    pub topic: String,
     group: String,
     pub dir: tempfile::TempDir,
     config: Option<PathBuf>,
@@ -455,8 +455,41 @@ async fn search_all(loupe: &Loupe, service: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Waits until the sampler (`decider`: the writer, or standalone) has decided every
+/// trace of the mix: kept traces are written at once, dropped ones only after the
+/// 4 s decision wait.
+async fn await_all_decided(decider: &Loupe, all: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (keep, drop) = decisions(&decider.metrics().await);
+        if keep + drop >= all {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{keep} kept + {drop} dropped of {all} decided"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Traces kept and dropped, summed over tenants and reasons.
+fn decisions(metrics: &str) -> (usize, usize) {
+    let sum = |decision: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("loupe_sampling_traces_total{")
+                    && l.contains(&format!("decision=\"{decision}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (sum("keep") as usize, sum("drop") as usize)
+}
+
 async fn assert_kept_exactly(querier: &Loupe, keep: &BTreeSet<String>, all: &BTreeSet<String>) {
-    // The decision wait is 4 s: wait for the kept set, then check nothing else shows.
+    // Every trace is decided: wait for the kept set, then check nothing else shows.
     await_traces(querier, "sampling-svc", keep, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let found = search_all(querier, "sampling-svc").await;
@@ -475,22 +508,9 @@ async fn assert_kept_exactly(querier: &Loupe, keep: &BTreeSet<String>, all: &BTr
 }
 
 fn assert_seen_vs_kept(metrics: &str, all: usize, kept: usize) {
-    let sum = |decision: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("loupe_sampling_traces_total{")
-                    && l.contains(&format!("decision=\"{decision}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    assert_eq!(sum("keep") as usize, kept, "{metrics}");
-    assert_eq!(
-        sum("keep") as usize + sum("drop") as usize,
-        all,
-        "{metrics}"
-    );
+    let (keep, drop) = decisions(metrics);
+    assert_eq!(keep, kept, "{metrics}");
+    assert_eq!(keep + drop, all, "{metrics}");
     assert!(
         metrics.contains("reason=\"error\"") && metrics.contains("reason=\"attribute\""),
         "{metrics}"
@@ -504,22 +524,34 @@ async fn tail_sampling_keeps_exactly_the_traces_the_policy_selects() {
     let writer = cluster.writer(&[]);
     let querier = cluster.querier();
     let (all, keep) = send_sampling_mix(&receive, 1_000).await;
+    await_all_decided(&writer, all.len()).await;
     assert_kept_exactly(&querier, &keep, &all).await;
     assert_seen_vs_kept(&writer.metrics().await, all.len(), keep.len());
 
-    // Blocks record what was seen, so sampled-out volume can be extrapolated.
-    let mut seen = 0;
-    let mut stored = 0;
-    for e in walk(&cluster.dir.path().join("blocks")) {
-        if e.to_string_lossy().ends_with(".meta.json") {
-            let meta: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(&e).unwrap()).unwrap();
-            seen += meta["seen_spans"].as_u64().unwrap();
-            stored += meta["spans"].as_u64().unwrap();
+    // Blocks record what was seen, so sampled-out volume can be extrapolated. The
+    // last drops are recorded by the block flushed after them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (mut seen, mut stored) = (0, 0);
+        for e in walk(&cluster.dir.path().join("blocks")) {
+            if e.to_string_lossy().ends_with(".meta.json") {
+                let meta: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(&e).unwrap()).unwrap();
+                seen += meta["seen_spans"].as_u64().unwrap();
+                stored += meta["spans"].as_u64().unwrap();
+            }
         }
+        assert_eq!(stored, 2 * keep.len() as u64);
+        if seen == 2 * all.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "blocks record {seen} seen spans of {}",
+            2 * all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(stored, 2 * keep.len() as u64);
-    assert_eq!(seen, 2 * all.len() as u64);
 }
 
 #[tokio::test]
@@ -537,6 +569,7 @@ async fn standalone_applies_the_same_tail_sampling() {
         ],
     );
     let (all, keep) = send_sampling_mix(&loupe, 300).await;
+    await_all_decided(&loupe, all.len()).await;
     assert_kept_exactly(&loupe, &keep, &all).await;
     assert_seen_vs_kept(&loupe.metrics().await, all.len(), keep.len());
 }
@@ -698,4 +731,75 @@ async fn receive_killed_with_exports_in_flight_loses_no_acknowledged_span() {
     let (acked, failed) = load.finish().await;
     assert!(failed > 0, "in-flight exports failed at the kill");
     await_traces(&querier, "recv-crash-svc", &acked, Duration::from_secs(60)).await;
+}
+
+/// Records the broker deletes (retention) before a writer reads them are lost; the
+/// writer must say so — counted and logged — rather than carry on in silence.
+#[tokio::test]
+async fn records_deleted_by_the_broker_before_they_are_read_are_reported_as_lost() {
+    use rand::RngCore;
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let cluster = Cluster::new();
+    // The mock cluster keeps 5 MB per partition; an external broker keeps more.
+    if cluster.broker.mock("retention").is_none() {
+        return;
+    }
+    let receive = cluster.receive();
+    let querier = cluster.querier();
+    let writer = cluster.writer(&[]);
+    let first = send(&receive, "retention-svc", 20).await;
+    await_traces(&querier, "retention-svc", &first, Duration::from_secs(60)).await;
+    // A graceful stop commits everything written.
+    writer.terminate();
+
+    // While no writer runs, 8 MB of other records per partition push the log start
+    // past the group's commit.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.broker.bootstrap())
+        .set("compression.type", "none")
+        .create()
+        .unwrap();
+    let mut payload = vec![0u8; 100 << 10];
+    for p in 0..PARTITIONS {
+        for _ in 0..80 {
+            rand::rng().fill_bytes(&mut payload);
+            producer
+                .send(
+                    FutureRecord::<[u8], [u8]>::to(&cluster.topic)
+                        .partition(p)
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+
+    let writer = cluster.writer(&[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lost = metric(&writer.metrics().await, "loupe_writer_records_lost_total");
+        if lost > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no loss reported:\n{}",
+            writer.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        writer
+            .log()
+            .contains("Kafka deleted records before this writer read them"),
+        "{}",
+        writer.log()
+    );
+    // The writer goes on: new spans are stored.
+    let later = send(&receive, "retention-svc", 5).await;
+    let all: BTreeSet<String> = first.union(&later).cloned().collect();
+    await_traces(&querier, "retention-svc", &all, Duration::from_secs(60)).await;
 }
