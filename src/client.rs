@@ -18,15 +18,24 @@ pub enum Protocol {
 }
 
 pub enum Exporter {
-    Grpc(TraceServiceClient<Channel>),
+    Grpc {
+        client: TraceServiceClient<Channel>,
+        key: Option<String>,
+    },
     Http {
         client: reqwest::Client,
         url: String,
+        key: Option<String>,
     },
 }
 
 impl Exporter {
-    pub async fn connect(endpoint: &str, protocol: Protocol) -> anyhow::Result<Exporter> {
+    /// `key`: the project's ingest key, sent as `Authorization: Bearer`.
+    pub async fn connect(
+        endpoint: &str,
+        protocol: Protocol,
+        key: Option<String>,
+    ) -> anyhow::Result<Exporter> {
         match protocol {
             Protocol::Grpc => {
                 let channel = Channel::from_shared(endpoint.to_owned())
@@ -34,9 +43,10 @@ impl Exporter {
                     .connect()
                     .await
                     .with_context(|| format!("cannot connect to OTLP/gRPC at {endpoint}"))?;
-                Ok(Exporter::Grpc(
-                    TraceServiceClient::new(channel).max_decoding_message_size(64 << 20),
-                ))
+                Ok(Exporter::Grpc {
+                    client: TraceServiceClient::new(channel).max_decoding_message_size(64 << 20),
+                    key,
+                })
             }
             Protocol::Http => {
                 let base = endpoint.trim_end_matches('/');
@@ -48,6 +58,7 @@ impl Exporter {
                 Ok(Exporter::Http {
                     client: reqwest::Client::new(),
                     url,
+                    key,
                 })
             }
         }
@@ -59,14 +70,26 @@ impl Exporter {
         request: ExportTraceServiceRequest,
     ) -> anyhow::Result<ExportTraceServiceResponse> {
         match self {
-            Exporter::Grpc(client) => Ok(client
-                .export(request)
-                .await
-                .map_err(|s| anyhow::anyhow!("export refused: {}: {}", s.code(), s.message()))?
-                .into_inner()),
-            Exporter::Http { client, url } => {
-                let response = client
-                    .post(url.as_str())
+            Exporter::Grpc { client, key } => {
+                let mut request = tonic::Request::new(request);
+                if let Some(key) = key {
+                    let value = format!("Bearer {key}")
+                        .parse()
+                        .context("the key is not a valid header value")?;
+                    request.metadata_mut().insert("authorization", value);
+                }
+                Ok(client
+                    .export(request)
+                    .await
+                    .map_err(|s| anyhow::anyhow!("export refused: {}: {}", s.code(), s.message()))?
+                    .into_inner())
+            }
+            Exporter::Http { client, url, key } => {
+                let mut post = client.post(url.as_str());
+                if let Some(key) = key {
+                    post = post.bearer_auth(key);
+                }
+                let response = post
                     .header("content-type", "application/x-protobuf")
                     .body(request.encode_to_vec())
                     .send()

@@ -22,6 +22,12 @@ pub struct Args {
     endpoint: String,
     #[arg(long, value_enum, default_value = "grpc")]
     protocol: Protocol,
+    /// The project's ingest key; not needed while the server lists no keys.
+    #[arg(long, env = "LOUPE_INGEST_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// The project's query key, for --query-url.
+    #[arg(long, env = "LOUPE_QUERY_KEY", hide_env_values = true)]
+    query_key: Option<String>,
     /// Concurrent exporters.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
@@ -75,6 +81,24 @@ struct Totals {
     latest: std::sync::Mutex<Option<(String, Instant)>>,
 }
 
+/// The query key given on the command line, sent with every query.
+static QUERY_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// An HTTP client for the query API, carrying the query key if one was given.
+fn query_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = QUERY_KEY.get()
+        && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+    {
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default()
+}
+
 /// Polls for one trace until the query API serves it; returns the time since `acked`.
 async fn await_queryable(
     client: &reqwest::Client,
@@ -104,7 +128,7 @@ fn spawn_freshness_probes(
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<(Histogram<u64>, u64)> {
     tokio::spawn(async move {
-        let client = reqwest::Client::new();
+        let client = query_client();
         let mut probes = Vec::new();
         let mut last_id = String::new();
         while !stop.load(Ordering::Relaxed) {
@@ -144,7 +168,7 @@ async fn measure_queries(
     spans_per_trace: Option<usize>,
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(!ids.is_empty(), "no trace ids to query");
-    let client = reqwest::Client::new();
+    let client = query_client();
     let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
     let mut errors = 0u64;
     let mut rng = rand::rngs::StdRng::from_os_rng();
@@ -196,7 +220,7 @@ fn percentiles(h: &Histogram<u64>, micros_per_unit: f64) -> serde_json::Value {
 
 /// Trace ids of the load generator's service, found by a search.
 async fn search_ids(url: &str) -> anyhow::Result<Vec<String>> {
-    let body: serde_json::Value = reqwest::Client::new()
+    let body: serde_json::Value = query_client()
         .get(format!("{}/api/v1/traces", url.trim_end_matches('/')))
         .query(&[("start", "0"), ("limit", "1000"), ("service", "loadgen")])
         .send()
@@ -228,6 +252,9 @@ fn print_query_report(q: &serde_json::Value) {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(key) = &args.query_key {
+        let _ = QUERY_KEY.set(key.clone());
+    }
     if args.skip_ingest {
         let url = args
             .query_url
@@ -263,7 +290,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut workers = Vec::new();
     for _ in 0..args.concurrency {
-        let mut exporter = Exporter::connect(&args.endpoint, args.protocol)
+        let mut exporter = Exporter::connect(&args.endpoint, args.protocol, args.key.clone())
             .await
             .context("loadgen cannot connect")?;
         let (template, totals, histogram, stop, last_error) = (

@@ -59,6 +59,70 @@ enum Command {
     Traces(Box<traces_cmd::Args>),
     /// Generate OTLP load against a Loupe endpoint and report spans/s, MB/s and latency.
     Loadgen(loadgen::Args),
+    /// Create API keys.
+    #[command(subcommand)]
+    Keys(keys_cmd::Keys),
+}
+
+mod keys_cmd {
+    use loupe_core::TenantId;
+    use loupe_core::keys::{KeyHash, Scope, generate};
+
+    #[derive(clap::Subcommand)]
+    pub enum Keys {
+        /// Generate a key; prints it once, with the line that adds its hash to the
+        /// project's `keys:` in the config.
+        New(NewArgs),
+    }
+
+    #[derive(Clone, Copy, clap::ValueEnum)]
+    pub enum ScopeArg {
+        /// Send spans and scores.
+        Ingest,
+        /// Read traces, metrics and scores.
+        Query,
+    }
+
+    #[derive(clap::Args)]
+    pub struct NewArgs {
+        /// The project the key belongs to (`<namespace>/<project>`).
+        #[arg(long)]
+        tenant: TenantId,
+        #[arg(long, value_enum)]
+        scope: ScopeArg,
+        /// Who holds the key; shown in logs instead of the key.
+        #[arg(long, default_value = "default")]
+        name: String,
+    }
+
+    pub fn run(keys: Keys) -> anyhow::Result<()> {
+        let Keys::New(args) = keys;
+        anyhow::ensure!(
+            !args.name.is_empty() && args.name.len() <= 63,
+            "--name must be 1 to 63 characters"
+        );
+        let scope = match args.scope {
+            ScopeArg::Ingest => Scope::Ingest,
+            ScopeArg::Query => Scope::Query,
+        };
+        let key = generate(scope);
+        let hash = KeyHash::of(&key);
+        println!("key:  {key}");
+        println!("hash: {hash}");
+        println!();
+        println!("The key is shown only now: keep it in a secret. Add this under the keys of");
+        println!(
+            "tenant {} in the config (the running roles pick it up):",
+            args.tenant
+        );
+        println!();
+        println!(
+            "      - {{ name: {:?}, scope: {}, hash: \"{hash}\" }}",
+            args.name,
+            scope.as_str()
+        );
+        Ok(())
+    }
 }
 
 mod demo_cmd {
@@ -83,6 +147,9 @@ mod demo_cmd {
         /// Random seed; the same seed sends the same traces.
         #[arg(long, default_value_t = 42)]
         pub seed: u64,
+        /// The project's ingest key; not needed while the server lists no keys.
+        #[arg(long, env = "LOUPE_INGEST_KEY", hide_env_values = true)]
+        pub key: Option<String>,
     }
 
     /// Sends demo traces; returns how many traces and spans were accepted.
@@ -94,7 +161,8 @@ mod demo_cmd {
             now: SystemTime::now(),
         };
         let (requests, traces) = generate(&opts, 512);
-        let mut exporter = Exporter::connect(&args.endpoint, args.protocol).await?;
+        let mut exporter =
+            Exporter::connect(&args.endpoint, args.protocol, args.key.clone()).await?;
         let mut spans = 0;
         for req in requests {
             let n: usize = req
@@ -154,6 +222,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Traces(args) => traces_cmd::run(*args).await,
             Command::Loadgen(args) => loadgen::run(args).await,
+            Command::Keys(keys) => keys_cmd::run(keys),
         }
     });
     match result {

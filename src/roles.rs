@@ -10,19 +10,21 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use loupe_core::TenantId;
+use loupe_core::keys::AccessControl;
 use loupe_core::storage::Storage;
+use loupe_ingester::Ingest;
 use loupe_ingester::kafka::{
     self, KafkaConfig, KafkaSink, ProducerSettings, WriteRoleSettings, WriterServices,
 };
 use loupe_ingester::metrics::{IngestMetrics, WriterMetrics};
 use loupe_ingester::writer::{SamplingRules, WriterConfig};
-use loupe_ingester::{Auth, Ingest};
 use loupe_querier::index::StorageIndex;
-use loupe_querier::{QueryAuth, QueryEngine, QueryMetrics};
+use loupe_querier::{QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
 
 use crate::server::{
-    bind, check_open_access, load_config, ops_router, parse_duration, say, serve, shutdown_signal,
+    ConfigMetrics, access_line, bind, load_config, open_access, ops_router, parse_duration, say,
+    serve, shutdown_signal, watch_config,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -88,10 +90,11 @@ pub struct IngesterArgs {
     role: Role,
     #[command(flatten)]
     kafka: KafkaArgs,
-    /// Data-plane config file (YAML): limits, tenants, pricing, sampling.
+    /// Data-plane config file (YAML): tenants, keys, limits, pricing, sampling.
+    /// Reloaded when it changes.
     #[arg(long, env = "LOUPE_CONFIG")]
     config: Option<PathBuf>,
-    /// Tenant that receives every export until keys are configured.
+    /// Tenant that receives every export while the config lists no key.
     #[arg(long, env = "LOUPE_TENANT", default_value = "default/default")]
     tenant: TenantId,
     /// Serve without keys on a non-loopback address.
@@ -151,8 +154,9 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
     if receive {
         exposed.extend([args.grpc_addr, args.http_addr]);
     }
-    check_open_access(&exposed, args.no_auth)?;
     let config = load_config(args.config.as_deref())?;
+    let open = open_access(&exposed, args.no_auth, &args.tenant, &config)?;
+    let access = Arc::new(AccessControl::new(&config, open.clone()));
     let kafka = args.kafka.config();
     let partitions = kafka::ensure_topic(
         &kafka,
@@ -186,11 +190,23 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         let ingest = Arc::new(Ingest::new(
             producer,
             &config,
-            Auth::Open {
-                tenant: args.tenant.clone(),
-            },
+            access.clone(),
             ingest_metrics.clone(),
         )?);
+        watch_config(
+            args.config.clone(),
+            &config,
+            ConfigMetrics::new(&mut registry),
+            {
+                let (access, ingest) = (access.clone(), ingest.clone());
+                move |c| {
+                    ingest.reload(c)?;
+                    access.reload(c);
+                    Ok(())
+                }
+            },
+        );
+        lines.push(access_line(&access, open.as_ref()));
         let (grpc, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
         let (http, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
         servers.push(serve(
@@ -300,16 +316,22 @@ pub struct QuerierArgs {
     /// How often storage is listed for new blocks.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     refresh: Duration,
-    /// Tenant served until keys are configured.
+    /// Data-plane config file (YAML): tenants and their query keys. Reloaded when it
+    /// changes.
+    #[arg(long, env = "LOUPE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Tenant served while the config lists no key.
     #[arg(long, env = "LOUPE_TENANT", default_value = "default/default")]
     tenant: TenantId,
-    /// Serve without keys on a non-loopback address.
+    /// Serve without keys on a non-loopback address while the config lists none.
     #[arg(long)]
     no_auth: bool,
 }
 
 pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
-    check_open_access(&[args.query_addr], args.no_auth)?;
+    let config = load_config(args.config.as_deref())?;
+    let open = open_access(&[args.query_addr], args.no_auth, &args.tenant, &config)?;
+    let access = Arc::new(AccessControl::new(&config, open.clone()));
     let storage = Storage::open(&args.storage)?;
     let index = StorageIndex::new(storage.clone());
     let blocks = index
@@ -319,21 +341,28 @@ pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
     tokio::spawn(index.clone().refresh_loop(args.refresh));
     let mut registry = Registry::default();
     let metrics = QueryMetrics::new(&mut registry);
-    let engine = Arc::new(QueryEngine::new(Arc::new(index), storage.object_store()));
-    let router = loupe_querier::api::router(
-        engine,
-        QueryAuth::Open {
-            tenant: args.tenant,
+    watch_config(
+        args.config.clone(),
+        &config,
+        ConfigMetrics::new(&mut registry),
+        {
+            let access = access.clone();
+            move |c| {
+                access.reload(c);
+                Ok(())
+            }
         },
-        metrics,
-    )
-    .merge(ops_router(registry));
+    );
+    let engine = Arc::new(QueryEngine::new(Arc::new(index), storage.object_store()));
+    let router =
+        loupe_querier::api::router(engine, access.clone(), metrics).merge(ops_router(registry));
     let (listener, local) = bind(args.query_addr, "the query API").await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = serve(listener, router, &stop_rx);
     say(&format!(
-        "loupe querier is running\n  query-api  http://{local}/api/v1/traces\n  storage    {} ({blocks} blocks)",
-        storage.url()
+        "loupe querier is running\n  query-api  http://{local}/api/v1/traces\n  storage    {} ({blocks} blocks)\n{}",
+        storage.url(),
+        access_line(&access, open.as_ref())
     ));
     shutdown_signal().await;
     let _ = stop_tx.send(true);

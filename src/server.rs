@@ -2,14 +2,19 @@
 //! `/health`, the lines printed at start, and the shutdown signal.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::http::header;
 use axum::routing::get;
+use loupe_core::TenantId;
 use loupe_core::config::DataPlaneConfig;
+use loupe_core::keys::AccessControl;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -25,26 +30,150 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, 
     Ok((listener, local))
 }
 
-/// Refuses to serve data without keys beyond loopback unless `--no-auth` was given,
-/// and says so loudly when it was.
-pub fn check_open_access(addrs: &[SocketAddr], no_auth: bool) -> anyhow::Result<()> {
+/// Which tenant is served without a key while the config lists none: the given one
+/// on loopback or with `--no-auth`, nobody when exposed without `--no-auth` — then
+/// the config must list keys, or the role refuses to start.
+pub fn open_access(
+    addrs: &[SocketAddr],
+    no_auth: bool,
+    tenant: &TenantId,
+    config: &DataPlaneConfig,
+) -> anyhow::Result<Option<TenantId>> {
+    let has_keys = config.tenants.iter().any(|t| !t.keys.is_empty());
     let exposed: Vec<String> = addrs
         .iter()
         .filter(|a| !a.ip().is_loopback())
         .map(ToString::to_string)
         .collect();
     if exposed.is_empty() {
-        return Ok(());
+        return Ok(Some(tenant.clone()));
     }
-    if !no_auth {
+    if no_auth {
+        if !has_keys {
+            tracing::warn!(addresses = ?exposed, "AUTHENTICATION IS OFF: anyone who can reach these addresses can read and write traces (--no-auth)");
+        }
+        return Ok(Some(tenant.clone()));
+    }
+    if !has_keys {
         bail!(
-            "bound to a non-loopback address ({}) and would serve traces without a key; \
-             pass --no-auth to accept that (every request then reads and writes the default project)",
+            "bound to a non-loopback address ({}) and the config lists no key, so traces would be served to anyone; \
+             add keys to the config (`loupe keys new`), or pass --no-auth to accept that (every request then reads and writes {tenant})",
             exposed.join(", ")
         );
     }
-    tracing::warn!(addresses = ?exposed, "AUTHENTICATION IS OFF: anyone who can reach these addresses can read and write traces (--no-auth)");
-    Ok(())
+    Ok(None)
+}
+
+/// How often the config file is checked for changes.
+pub const CONFIG_RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// Metrics of config reloads.
+#[derive(Clone)]
+pub struct ConfigMetrics {
+    reloads: Counter,
+    failures: Counter,
+    last_ok: Gauge,
+}
+
+impl ConfigMetrics {
+    pub fn new(registry: &mut Registry) -> ConfigMetrics {
+        let m = ConfigMetrics {
+            reloads: Counter::default(),
+            failures: Counter::default(),
+            last_ok: Gauge::default(),
+        };
+        m.last_ok.set(1);
+        let r = registry.sub_registry_with_prefix("loupe");
+        r.register(
+            "config_reloads",
+            "Config file changes taken into effect",
+            m.reloads.clone(),
+        );
+        r.register(
+            "config_reload_failures",
+            "Config file changes rejected (the previous config stays in force)",
+            m.failures.clone(),
+        );
+        r.register(
+            "config_last_reload_successful",
+            "1 when the config file in force is the one on disk, 0 when the last change was rejected",
+            m.last_ok.clone(),
+        );
+        m
+    }
+}
+
+/// Watches the config file and hands every valid change to `apply`; an invalid one
+/// is logged with the field it names and the last good config stays in force.
+/// Mounted ConfigMaps change by a symlink swap, so the file is read afresh each time.
+pub fn watch_config(
+    path: Option<PathBuf>,
+    initial: &DataPlaneConfig,
+    metrics: ConfigMetrics,
+    apply: impl Fn(&DataPlaneConfig) -> anyhow::Result<()> + Send + 'static,
+) {
+    let Some(path) = path else { return };
+    let mut in_force = initial.clone();
+    let mut last_text = std::fs::read_to_string(&path).ok();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONFIG_RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let text = match tokio::fs::read_to_string(&path).await {
+                Ok(t) => t,
+                Err(e) => {
+                    if last_text.take().is_some() {
+                        tracing::error!(path = %path.display(), error = %e, "cannot read the config file; the previous config stays in force");
+                        metrics.failures.inc();
+                        metrics.last_ok.set(0);
+                    }
+                    continue;
+                }
+            };
+            if last_text.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            last_text = Some(text.clone());
+            let result = DataPlaneConfig::from_yaml(&text)
+                .map_err(anyhow::Error::from)
+                .and_then(|c| {
+                    if c == in_force {
+                        return Ok(None);
+                    }
+                    apply(&c).map(|()| Some(c))
+                });
+            match result {
+                Ok(Some(c)) => {
+                    let keys: usize = c.tenants.iter().map(|t| t.keys.len()).sum();
+                    tracing::info!(path = %path.display(), tenants = c.tenants.len(), keys, "config reloaded");
+                    in_force = c;
+                    metrics.reloads.inc();
+                    metrics.last_ok.set(1);
+                }
+                Ok(None) => {
+                    metrics.last_ok.set(1);
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "config change rejected; the previous config stays in force");
+                    metrics.failures.inc();
+                    metrics.last_ok.set(0);
+                }
+            }
+        }
+    });
+}
+
+/// One line saying who may use the role: keys, or the open tenant.
+pub fn access_line(access: &AccessControl, open: Option<&TenantId>) -> String {
+    match open {
+        Some(t) if access.is_open() => {
+            format!(
+                "  access     open: every request is {t} (add keys to the config to require them)"
+            )
+        }
+        _ => format!("  access     keys required ({} configured)", access.keys()),
+    }
 }
 
 /// Reads and validates the data-plane config file; the default config without one.

@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use loupe_core::TenantId;
+use loupe_core::keys::AccessControl;
 use loupe_core::storage::Storage;
 use loupe_ingester::metrics::{IngestMetrics, WriterMetrics};
 use loupe_ingester::writer::SamplingRules;
-use loupe_ingester::{Auth, EmbeddedQueue, Ingest, QueueConfig};
-use loupe_querier::{QueryAuth, QueryEngine, QueryMetrics};
+use loupe_ingester::{EmbeddedQueue, Ingest, QueueConfig};
+use loupe_querier::{QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
 
 use crate::server::{
-    bind, check_open_access, load_config, parse_duration, say, serve, shutdown_signal,
+    ConfigMetrics, access_line, bind, load_config, open_access, parse_duration, say, serve,
+    shutdown_signal, watch_config,
 };
 
 #[derive(clap::Args)]
@@ -35,7 +37,8 @@ pub struct Args {
     /// Query API listen address (also serves /metrics and /health).
     #[arg(long, env = "LOUPE_QUERY_ADDR", default_value = "127.0.0.1:3000")]
     pub query_addr: SocketAddr,
-    /// Data-plane config file (YAML): limits and tenants' pricing overrides.
+    /// Data-plane config file (YAML): tenants, keys, limits, pricing, sampling.
+    /// Reloaded when it changes.
     #[arg(long, env = "LOUPE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Longest time accepted spans wait in memory before they are written as a block.
@@ -48,8 +51,9 @@ pub struct Args {
     /// sampling policy); beyond it the least recently updated trace is decided early.
     #[arg(long, env = "LOUPE_MAX_TRACES", default_value_t = 100_000)]
     pub max_traces: usize,
-    /// Serve on a non-loopback address without authentication (every request goes to
-    /// the default project). Without it, standalone refuses to listen beyond loopback.
+    /// Serve on a non-loopback address without keys while the config lists none
+    /// (every request goes to the default project). Without it, standalone refuses to
+    /// listen beyond loopback unless the config lists keys.
     #[arg(long)]
     pub no_auth: bool,
     /// After start, send realistic demo LLM traces through real OTLP export.
@@ -61,11 +65,14 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    check_open_access(
+    let config = load_config(args.config.as_deref())?;
+    let open = open_access(
         &[args.grpc_addr, args.http_addr, args.query_addr],
         args.no_auth,
+        &TenantId::default_tenant(),
+        &config,
     )?;
-    let config = load_config(args.config.as_deref())?;
+    let access = Arc::new(AccessControl::new(&config, open.clone()));
 
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
@@ -94,23 +101,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("cannot open the embedded queue")?;
 
-    let tenant = TenantId::default_tenant();
     let ingest = Arc::new(Ingest::new(
         Arc::new(queue.clone()),
         &config,
-        Auth::Open {
-            tenant: tenant.clone(),
-        },
+        access.clone(),
         ingest_metrics,
     )?);
+    let config_metrics = ConfigMetrics::new(&mut registry);
+    watch_config(args.config.clone(), &config, config_metrics, {
+        let (access, ingest) = (access.clone(), ingest.clone());
+        move |c| {
+            ingest.reload(c)?;
+            access.reload(c);
+            Ok(())
+        }
+    });
     let engine = Arc::new(QueryEngine::new(
         Arc::new(queue.clone()),
         storage.object_store(),
     ));
 
-    let query_router =
-        loupe_querier::api::router(engine, QueryAuth::Open { tenant }, query_metrics)
-            .merge(crate::server::ops_router(registry));
+    let query_router = loupe_querier::api::router(engine, access.clone(), query_metrics)
+        .merge(crate::server::ops_router(registry));
 
     let (grpc_listener, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
     let (http_listener, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
@@ -134,9 +146,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Tests and scripts read these lines to find the ports.
     say(&format!(
         "loupe standalone is running\n  otlp-grpc  {grpc_local}\n  otlp-http  http://{http_local}/v1/traces\n  \
-         query-api  http://{query_local}/api/v1/traces\n  data       {}\n  storage    {}",
+         query-api  http://{query_local}/api/v1/traces\n  data       {}\n  storage    {}\n{}",
         args.data_dir.display(),
-        storage.url()
+        storage.url(),
+        access_line(&access, open.as_ref())
     ));
 
     if args.demo {
@@ -146,6 +159,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             traces: args.demo_traces,
             hours: 2.0,
             seed: rand::random(),
+            key: None,
         };
         let query = query_local;
         tokio::spawn(async move {

@@ -13,6 +13,10 @@ pub struct Args {
         default_value = "http://127.0.0.1:3000"
     )]
     url: String,
+    /// The project's query key (`loupe keys new --scope query`); not needed while the
+    /// server lists no keys.
+    #[arg(long, global = true, env = "LOUPE_QUERY_KEY", hide_env_values = true)]
+    key: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -104,15 +108,18 @@ impl SearchArgs {
     }
 }
 
-async fn get_json(url: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
-    let response = reqwest::Client::new()
-        .get(url)
-        .query(query)
-        .send()
-        .await
-        .with_context(|| {
-            format!("cannot reach the query API at {url} (is Loupe running? set --url)")
-        })?;
+async fn get_json(
+    url: &str,
+    key: Option<&str>,
+    query: &[(&str, String)],
+) -> anyhow::Result<String> {
+    let mut request = reqwest::Client::new().get(url).query(query);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.with_context(|| {
+        format!("cannot reach the query API at {url} (is Loupe running? set --url)")
+    })?;
     let status = response.status();
     let body = response.text().await?;
     if !status.is_success() {
@@ -129,7 +136,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let base = args.url.trim_end_matches('/');
     match &args.command {
         TracesCommand::Get { trace_id } => {
-            let body = get_json(&format!("{base}/api/v1/traces/{trace_id}"), &[]).await?;
+            let body = get_json(
+                &format!("{base}/api/v1/traces/{trace_id}"),
+                args.key.as_deref(),
+                &[],
+            )
+            .await?;
             if args.json {
                 println!("{body}");
             } else {
@@ -139,7 +151,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         TracesCommand::Search(search) => {
-            let body = get_json(&format!("{base}/api/v1/traces"), &search.params()).await?;
+            let body = get_json(
+                &format!("{base}/api/v1/traces"),
+                args.key.as_deref(),
+                &search.params(),
+            )
+            .await?;
             if args.json {
                 println!("{body}");
             } else {

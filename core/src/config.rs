@@ -16,6 +16,14 @@
 //!         valid_from: 2025-01-01
 //!   - id: team-a/chat
 //!     environment: prod
+//!     retention: 30d                # blocks older than this are deleted
+//!     keys:                         # `loupe keys new` prints these lines
+//!       - name: chat-backend
+//!         scope: ingest             # ingest: send spans and scores; query: read
+//!         hash: "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//!       - name: grafana
+//!         scope: query
+//!         hash: "sha256:60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
 //!     sampling:                     # tail sampling; absent = keep every trace
 //!       decision_wait: 10s          # held after its last span, then decided
 //!       keep_errors: true
@@ -30,6 +38,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::keys::KeyConfig;
 use crate::pricing::PriceEntry;
 use crate::sampling::SamplingPolicy;
 use crate::{Environment, Error, TenantId};
@@ -103,6 +112,13 @@ pub struct TenantConfig {
     /// Tail-sampling policy of this project. Absent = keep every trace, decided at once.
     #[serde(default)]
     pub sampling: Option<SamplingPolicy>,
+    /// The project's keys, hashed (`loupe keys new` prints the line to add).
+    #[serde(default)]
+    pub keys: Vec<KeyConfig>,
+    /// How long the project's traces are kept; the compactor deletes older blocks.
+    /// Absent = kept until deleted by hand.
+    #[serde(default, with = "humantime_serde")]
+    pub retention: Option<std::time::Duration>,
 }
 
 /// The data-plane configuration file.
@@ -146,7 +162,19 @@ impl DataPlaneConfig {
             if let Some(sampling) = &t.sampling {
                 sampling.validate(&format!("tenants[{i}].sampling"))?;
             }
+            if let Some(r) = t.retention
+                && r < std::time::Duration::from_secs(3600)
+            {
+                return Err(Error::InvalidConfig {
+                    field: format!("tenants[{i}].retention"),
+                    reason: format!(
+                        "{} is shorter than the minimum of 1h",
+                        humantime_serde::re::humantime::format_duration(r)
+                    ),
+                });
+            }
         }
+        crate::keys::validate(self)?;
         Ok(())
     }
 

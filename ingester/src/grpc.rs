@@ -30,6 +30,7 @@ pub fn status(err: &IngestError) -> Status {
         IngestError::TooLarge { .. } => Status::resource_exhausted(msg),
         IngestError::Unavailable(_) => Status::unavailable(msg),
         IngestError::Unauthenticated(_) => Status::unauthenticated(msg),
+        IngestError::PermissionDenied(_) => Status::permission_denied(msg),
         IngestError::Internal(_) => Status::internal(msg),
     };
     if matches!(err, IngestError::Unavailable(_)) {

@@ -56,6 +56,7 @@ fn error_response(encoding: Encoding, err: &IngestError) -> Response {
         IngestError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, 8),
         IngestError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, 14),
         IngestError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, 16),
+        IngestError::PermissionDenied(_) => (StatusCode::FORBIDDEN, 7),
         IngestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 13),
     };
     let status = RpcStatus {

@@ -2,11 +2,12 @@
 //! normalize, price, and hand the spans to a durable [`SpanSink`].
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use loupe_core::TenantId;
 use loupe_core::config::{DataPlaneConfig, Limits};
+use loupe_core::keys::{AccessControl, AuthError, Scope};
 use loupe_core::normalize::{NormalizeOptions, Normalized, normalize_request};
 use loupe_core::pricing::{PriceBook, PriceOutcome};
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -66,6 +67,8 @@ pub enum IngestError {
     Unavailable(String),
     #[error("{0}")]
     Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Details are logged, never sent to the client.
     #[error("internal error")]
     Internal(String),
@@ -78,17 +81,10 @@ impl IngestError {
             IngestError::TooLarge { .. } => "too_large",
             IngestError::Unavailable(_) => "unavailable",
             IngestError::Unauthenticated(_) => "unauthenticated",
+            IngestError::PermissionDenied(_) => "permission_denied",
             IngestError::Internal(_) => "internal",
         }
     }
-}
-
-/// How requests are mapped to tenants.
-#[derive(Clone, Debug)]
-pub enum Auth {
-    /// No key is required; every request belongs to this tenant (standalone on
-    /// loopback, or `--no-auth`). Keys a client sends are ignored.
-    Open { tenant: TenantId },
 }
 
 #[derive(Clone)]
@@ -121,23 +117,15 @@ impl TenantRuntime {
     }
 }
 
-/// The receive pipeline.
-pub struct Ingest {
-    sink: Arc<dyn SpanSink>,
+/// What the receive pipeline takes from the config; replaced whole on reload.
+struct IngestState {
     limits: Limits,
-    auth: Auth,
     tenants: HashMap<TenantId, TenantRuntime>,
     default_tenant: TenantRuntime,
-    metrics: Arc<IngestMetrics>,
 }
 
-impl Ingest {
-    pub fn new(
-        sink: Arc<dyn SpanSink>,
-        config: &DataPlaneConfig,
-        auth: Auth,
-        metrics: Arc<IngestMetrics>,
-    ) -> Result<Ingest, loupe_core::Error> {
+impl IngestState {
+    fn new(config: &DataPlaneConfig) -> Result<IngestState, loupe_core::Error> {
         let normalize = |env: Option<&str>| NormalizeOptions {
             max_attribute_bytes: config.limits.max_attribute_bytes,
             max_io_bytes: config.limits.max_io_bytes,
@@ -158,33 +146,69 @@ impl Ingest {
                 },
             );
         }
-        Ok(Ingest {
-            sink,
+        Ok(IngestState {
             limits: config.limits.clone(),
-            auth,
             tenants,
             default_tenant: TenantRuntime {
                 pricing: PriceBook::builtin(),
                 normalize: normalize(None),
             },
+        })
+    }
+}
+
+/// The receive pipeline.
+pub struct Ingest {
+    sink: Arc<dyn SpanSink>,
+    access: Arc<AccessControl>,
+    state: RwLock<Arc<IngestState>>,
+    metrics: Arc<IngestMetrics>,
+}
+
+impl Ingest {
+    pub fn new(
+        sink: Arc<dyn SpanSink>,
+        config: &DataPlaneConfig,
+        access: Arc<AccessControl>,
+        metrics: Arc<IngestMetrics>,
+    ) -> Result<Ingest, loupe_core::Error> {
+        Ok(Ingest {
+            sink,
+            access,
+            state: RwLock::new(Arc::new(IngestState::new(config)?)),
             metrics,
         })
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// Takes the limits, environments and prices of a new (validated) config. Keys
+    /// are reloaded by whoever owns the [`AccessControl`].
+    pub fn reload(&self, config: &DataPlaneConfig) -> Result<(), loupe_core::Error> {
+        let state = Arc::new(IngestState::new(config)?);
+        *self.state.write().expect("ingest state lock") = state;
+        Ok(())
+    }
+
+    fn state(&self) -> Arc<IngestState> {
+        self.state.read().expect("ingest state lock").clone()
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.state().limits.clone()
     }
 
     pub fn metrics(&self) -> &IngestMetrics {
         &self.metrics
     }
 
-    /// Finds the tenant a request belongs to from its headers (`Authorization:
-    /// Bearer`, Basic `public:secret`, or `x-loupe-key`).
-    pub fn authenticate(&self, _headers: &http::HeaderMap) -> Result<TenantId, IngestError> {
-        match &self.auth {
-            Auth::Open { tenant } => Ok(tenant.clone()),
-        }
+    /// Finds the tenant a request belongs to from its ingest key (`Authorization:
+    /// Bearer` or `x-loupe-key`).
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<TenantId, IngestError> {
+        self.access
+            .authorize(headers, Scope::Ingest)
+            .map_err(|e| match e {
+                AuthError::WrongScope { .. } => IngestError::PermissionDenied(e.to_string()),
+                _ => IngestError::Unauthenticated(e.to_string()),
+            })
     }
 
     /// Records a request refused before it reached [`Ingest::export`].
@@ -237,7 +261,8 @@ impl Ingest {
         protocol: &'static str,
         payload: Payload,
     ) -> Result<ExportTraceServiceResponse, IngestError> {
-        let rt = self.tenants.get(tenant).unwrap_or(&self.default_tenant);
+        let state = self.state();
+        let rt = state.tenants.get(tenant).unwrap_or(&state.default_tenant);
         let Prepared {
             normalized,
             unpriced,

@@ -13,5 +13,5 @@ pub mod sink;
 pub mod wal;
 pub mod writer;
 
-pub use ingest::{Auth, Ingest, IngestError, Payload};
+pub use ingest::{Ingest, IngestError, Payload};
 pub use queue::{EmbeddedQueue, QueueConfig};

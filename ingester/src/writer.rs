@@ -571,6 +571,8 @@ mod tests {
             environment: Default::default(),
             pricing: Vec::new(),
             sampling: Some(policy),
+            keys: Vec::new(),
+            retention: None,
         });
         Arc::new(SamplingRules::from_config(&cfg))
     }

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use loupe_core::keys::{AccessControl, AuthError, Scope};
 use loupe_core::{LlmKind, TenantId};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -22,13 +23,6 @@ pub const DEFAULT_LIMIT: usize = 20;
 pub const MAX_LIMIT: usize = 1000;
 /// Default search window when no time is given.
 pub const DEFAULT_LOOKBACK: Duration = Duration::from_secs(24 * 3600);
-
-/// How query requests are mapped to tenants.
-#[derive(Clone, Debug)]
-pub enum QueryAuth {
-    /// Every request reads this tenant (standalone on loopback, or `--no-auth`).
-    Open { tenant: TenantId },
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct EndpointLabels {
@@ -57,12 +51,12 @@ impl QueryMetrics {
 
 struct ApiState {
     engine: Arc<QueryEngine>,
-    auth: QueryAuth,
+    auth: Arc<AccessControl>,
     metrics: QueryMetrics,
 }
 
-/// The query API routes.
-pub fn router(engine: Arc<QueryEngine>, auth: QueryAuth, metrics: QueryMetrics) -> Router {
+/// The query API routes. Every request reads the tenant of its query key.
+pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: QueryMetrics) -> Router {
     Router::new()
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
@@ -107,10 +101,13 @@ fn bad(msg: impl Into<String>) -> ApiError {
 }
 
 impl ApiState {
-    fn tenant(&self, _headers: &HeaderMap) -> Result<TenantId, ApiError> {
-        match &self.auth {
-            QueryAuth::Open { tenant } => Ok(tenant.clone()),
-        }
+    fn tenant(&self, headers: &HeaderMap) -> Result<TenantId, ApiError> {
+        self.auth
+            .authorize(headers, Scope::Query)
+            .map_err(|e| match e {
+                AuthError::WrongScope { .. } => ApiError(StatusCode::FORBIDDEN, e.to_string()),
+                _ => ApiError(StatusCode::UNAUTHORIZED, e.to_string()),
+            })
     }
 
     fn observe(&self, endpoint: &'static str, ok: bool, started: Instant) {

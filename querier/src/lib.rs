@@ -7,5 +7,5 @@ pub mod index;
 pub mod model;
 pub mod prune;
 
-pub use api::{QueryAuth, QueryMetrics};
+pub use api::QueryMetrics;
 pub use engine::{QueryEngine, QueryError, SearchQuery};

@@ -8,3 +8,4 @@ mod durability;
 mod harness;
 mod otlp;
 mod python_sdk;
+mod tenancy;

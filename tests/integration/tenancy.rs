@@ -1,0 +1,345 @@
+//! Tenants and keys, through the real binary: every request names its project by its
+//! key, ingest keys cannot read and query keys cannot write, one project never sees
+//! another's traces, keys never show in logs or errors, and the config reloads
+//! without a restart (an invalid change keeps the last good config).
+
+use std::time::{Duration, Instant};
+
+use loupe_core::keys::{KeyHash, Scope, generate};
+use serde_json::Value;
+
+use crate::harness::*;
+
+/// The keys of one project.
+struct Keys {
+    ingest: String,
+    query: String,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        Keys {
+            ingest: generate(Scope::Ingest),
+            query: generate(Scope::Query),
+        }
+    }
+
+    fn yaml(&self, id: &str, environment: &str) -> String {
+        format!(
+            "  - id: {id}\n    environment: {environment}\n    keys:\n      - {{ name: app, scope: ingest, hash: \"{}\" }}\n      - {{ name: ui, scope: query, hash: \"{}\" }}\n",
+            KeyHash::of(&self.ingest),
+            KeyHash::of(&self.query)
+        )
+    }
+}
+
+/// Exports one trace over OTLP/HTTP with `key`; returns the status.
+async fn export(loupe: &Loupe, key: Option<&str>, service: &str) -> (u16, String, String) {
+    use prost::Message;
+    let (trace, req) = simple_trace(service, "u");
+    let mut post = reqwest::Client::new()
+        .post(format!("{}/v1/traces", loupe.http))
+        .header("content-type", "application/x-protobuf")
+        .body(req.encode_to_vec());
+    if let Some(key) = key {
+        post = post.bearer_auth(key);
+    }
+    let r = post.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, hex(&trace), r.text().await.unwrap_or_default())
+}
+
+/// GETs a query path with `key`.
+async fn query(loupe: &Loupe, key: Option<&str>, path: &str) -> (u16, Value) {
+    let mut get = reqwest::Client::new().get(format!("{}{path}", loupe.query));
+    if let Some(key) = key {
+        get = get.header("x-loupe-key", key);
+    }
+    let r = get.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn await_status(loupe: &Loupe, key: &str, path: &str, want: u16) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = query(loupe, Some(key), path).await;
+        if status == want {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path}: {status} {body}, wanted {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn keys_isolate_projects_and_environments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dev, prod, other) = (Keys::new(), Keys::new(), Keys::new());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tenants:\n{}{}{}",
+            dev.yaml("team-a/chat-dev", "dev"),
+            prod.yaml("team-a/chat-prod", "prod"),
+            other.yaml("team-b/bot", "prod")
+        ),
+    )
+    .unwrap();
+    let loupe = Loupe::start(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--flush-interval",
+            "300ms",
+        ],
+    );
+
+    // Without a key, or with an unknown one, nothing is accepted or served.
+    let (status, _, body) = export(&loupe, None, "svc").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("loupe keys new"), "{body}");
+    let (status, _, _) = export(&loupe, Some(&generate(Scope::Ingest)), "svc").await;
+    assert_eq!(status, 401);
+    let (status, _) = query(&loupe, None, "/api/v1/traces?start=0").await;
+    assert_eq!(status, 401);
+    // gRPC says UNAUTHENTICATED.
+    let (_, req) = simple_trace("svc", "u");
+    let err = loupe.grpc_client().await.export(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // A query key cannot write; an ingest key cannot read.
+    let (status, _, body) = export(&loupe, Some(&dev.query), "svc").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("query key"), "{body}");
+    let (status, body) = query(&loupe, Some(&dev.ingest), "/api/v1/traces?start=0").await;
+    assert_eq!(status, 403, "{body}");
+
+    // Each project writes with its ingest key and reads with its query key.
+    let (status, dev_trace, _) = export(&loupe, Some(&dev.ingest), "chat").await;
+    assert_eq!(status, 200);
+    let (status, prod_trace, _) = export(&loupe, Some(&prod.ingest), "chat").await;
+    assert_eq!(status, 200);
+    let (status, other_trace, _) = export(&loupe, Some(&other.ingest), "chat").await;
+    assert_eq!(status, 200);
+    let body = await_status(
+        &loupe,
+        &dev.query,
+        &format!("/api/v1/traces/{dev_trace}"),
+        200,
+    )
+    .await;
+    assert_eq!(body["trace_id"], dev_trace.as_str());
+    await_status(
+        &loupe,
+        &prod.query,
+        &format!("/api/v1/traces/{prod_trace}"),
+        200,
+    )
+    .await;
+    await_status(
+        &loupe,
+        &other.query,
+        &format!("/api/v1/traces/{other_trace}"),
+        200,
+    )
+    .await;
+
+    // dev cannot read prod, prod cannot read dev, team-b reads neither; searches see
+    // only their own project.
+    for (key, foreign) in [
+        (&dev.query, &prod_trace),
+        (&prod.query, &dev_trace),
+        (&other.query, &dev_trace),
+        (&other.query, &prod_trace),
+        (&dev.query, &other_trace),
+    ] {
+        let (status, body) = query(&loupe, Some(key), &format!("/api/v1/traces/{foreign}")).await;
+        assert_eq!(status, 404, "{body}");
+    }
+    for (key, own) in [
+        (&dev.query, &dev_trace),
+        (&prod.query, &prod_trace),
+        (&other.query, &other_trace),
+    ] {
+        let (status, body) = query(&loupe, Some(key), "/api/v1/traces?start=0&service=chat").await;
+        assert_eq!(status, 200);
+        let ids: Vec<&str> = body["traces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["trace_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, vec![own.as_str()], "{body}");
+    }
+    // The environment is the project's.
+    let body = await_status(
+        &loupe,
+        &prod.query,
+        &format!("/api/v1/traces/{prod_trace}"),
+        200,
+    )
+    .await;
+    assert!(body.to_string().contains("\"prod\""), "{body}");
+
+    // Blocks sit under each tenant's own prefix.
+    await_blocks(
+        &dir.path().join("data").join("blocks"),
+        &["team-a/chat-dev", "team-a/chat-prod", "team-b/bot"],
+    )
+    .await;
+
+    // No key appears in the log.
+    let log = loupe.log();
+    for k in [&dev, &prod, &other] {
+        assert!(
+            !log.contains(&k.ingest) && !log.contains(&k.query),
+            "a key leaked into the log"
+        );
+    }
+}
+
+async fn await_blocks(blocks: &std::path::Path, tenants: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let files = walk(blocks);
+        let all = tenants.iter().all(|t| {
+            files.iter().any(|p| {
+                p.to_string_lossy()
+                    .contains(&format!("tenants/{t}/blocks/"))
+                    && p.to_string_lossy().ends_with(".meta.json")
+            })
+        });
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "blocks per tenant: {files:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn config_changes_take_effect_without_a_restart_and_bad_ones_are_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Keys::new(), Keys::new());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, format!("tenants:\n{}", a.yaml("ns/a", "dev"))).unwrap();
+    let loupe = Loupe::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    assert_eq!(export(&loupe, Some(&b.ingest), "svc").await.0, 401);
+
+    // A new project's keys work once the file changes.
+    std::fs::write(
+        &config,
+        format!(
+            "tenants:\n{}{}",
+            a.yaml("ns/a", "dev"),
+            b.yaml("ns/b", "dev")
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while export(&loupe, Some(&b.ingest), "svc").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the new key was never accepted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // An invalid file is rejected with the field named, and the last good config
+    // stays in force.
+    std::fs::write(
+        &config,
+        format!(
+            "tenants:\n{}{}  - id: ns/c\n    retention: 5m\n",
+            a.yaml("ns/a", "dev"),
+            b.yaml("ns/b", "dev")
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !loupe.log().contains("config change rejected") {
+        assert!(
+            Instant::now() < deadline,
+            "no rejection logged:\n{}",
+            loupe.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        loupe.log().contains("tenants[2].retention"),
+        "{}",
+        loupe.log()
+    );
+    assert_eq!(export(&loupe, Some(&b.ingest), "svc").await.0, 200);
+    assert_eq!(export(&loupe, Some(&a.ingest), "svc").await.0, 200);
+    let metrics = loupe.metrics().await;
+    assert!(
+        metrics.contains("loupe_config_last_reload_successful 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("loupe_config_reload_failures_total 1"),
+        "{metrics}"
+    );
+
+    // Removing a project's keys revokes them.
+    std::fs::write(&config, format!("tenants:\n{}", a.yaml("ns/a", "dev"))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while export(&loupe, Some(&b.ingest), "svc").await.0 != 401 {
+        assert!(Instant::now() < deadline, "the removed key still works");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(export(&loupe, Some(&a.ingest), "svc").await.0, 200);
+}
+
+#[tokio::test]
+async fn keys_new_prints_a_key_and_the_config_line_that_admits_it() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args([
+            "keys", "new", "--tenant", "ns/app", "--scope", "query", "--name", "grafana",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key:  "))
+        .unwrap()
+        .to_owned();
+    assert!(key.starts_with("loupe_qk_"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("hash: \"sha256:"))
+        .unwrap();
+    // The printed line, pasted under the tenant, admits the key.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("tenants:\n  - id: ns/app\n    keys:\n{line}\n"),
+    )
+    .unwrap();
+    let loupe = Loupe::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let (status, body) = query(&loupe, Some(&key), "/api/v1/traces?start=0").await;
+    assert_eq!(status, 200, "{body}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args(["keys", "new", "--tenant", "../etc", "--scope", "query"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid tenant id"));
+}
