@@ -4,8 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -178,6 +178,8 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
     .to_lowercase()];
 
     let mut sink = None;
+    let mut reload_ingest = None;
+    let mut reload_rules = None;
     if receive {
         let settings = ProducerSettings {
             delivery_timeout: args.delivery_timeout,
@@ -193,19 +195,7 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
             access.clone(),
             ingest_metrics.clone(),
         )?);
-        watch_config(
-            args.config.clone(),
-            &config,
-            ConfigMetrics::new(&mut registry),
-            {
-                let (access, ingest) = (access.clone(), ingest.clone());
-                move |c| {
-                    ingest.reload(c)?;
-                    access.reload(c);
-                    Ok(())
-                }
-            },
-        );
+        reload_ingest = Some(ingest.clone());
         lines.push(access_line(&access, open.as_ref()));
         let (grpc, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
         let (http, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
@@ -240,7 +230,8 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
             max_buffer_bytes: args.max_buffer_mib << 20,
             session_timeout: args.session_timeout,
         };
-        let rules = Arc::new(SamplingRules::from_config(&config));
+        let rules = Arc::new(RwLock::new(Arc::new(SamplingRules::from_config(&config))));
+        reload_rules = Some(rules.clone());
         let writer_metrics = Arc::new(WriterMetrics::new(&mut registry));
         let runtime = tokio::runtime::Handle::current();
         let stop = stop_writer.clone();
@@ -264,6 +255,21 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         writer_ended = Some(ended_rx);
     }
 
+    watch_config(
+        args.config.clone(),
+        &config,
+        ConfigMetrics::new(&mut registry),
+        move |c| {
+            if let Some(ingest) = &reload_ingest {
+                ingest.reload(c)?;
+            }
+            if let Some(rules) = &reload_rules {
+                *rules.write().expect("rules lock") = Arc::new(SamplingRules::from_config(c));
+            }
+            access.reload(c);
+            Ok(())
+        },
+    );
     let (ops, ops_local) = bind(args.metrics_addr, "metrics").await?;
     servers.push(serve(ops, ops_router(registry), &stop_rx));
     lines.push(format!("  metrics    http://{ops_local}/metrics"));

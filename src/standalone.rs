@@ -109,9 +109,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?);
     let config_metrics = ConfigMetrics::new(&mut registry);
     watch_config(args.config.clone(), &config, config_metrics, {
-        let (access, ingest) = (access.clone(), ingest.clone());
+        let (access, ingest, queue) = (access.clone(), ingest.clone(), queue.clone());
         move |c| {
             ingest.reload(c)?;
+            queue.set_rules(Arc::new(SamplingRules::from_config(c)));
             access.reload(c);
             Ok(())
         }

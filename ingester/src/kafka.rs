@@ -347,7 +347,7 @@ struct Shared {
     topic: String,
     partitions: Mutex<BTreeMap<i32, PartitionState>>,
     storage: Storage,
-    rules: Arc<SamplingRules>,
+    rules: Arc<RwLock<Arc<SamplingRules>>>,
     writer_config: WriterConfig,
     metrics: Arc<WriterMetrics>,
     ingest_metrics: Arc<IngestMetrics>,
@@ -409,7 +409,7 @@ impl ConsumerContext for WriterContext {
                         .or_insert_with(|| PartitionState {
                             writer: PartitionWriter::new(
                                 self.shared.writer_config.clone(),
-                                self.shared.rules.clone(),
+                                self.shared.rules.read().expect("rules lock").clone(),
                                 self.shared.metrics.clone(),
                             ),
                             committed: None,
@@ -629,7 +629,9 @@ impl AssignmentWatch {
 /// What the write role writes to and reports through.
 pub struct WriterServices {
     pub storage: Storage,
-    pub rules: Arc<SamplingRules>,
+    /// The tail-sampling rules; replace the inner value to reload them (partition
+    /// writers pick the new rules up within a maintenance round).
+    pub rules: Arc<RwLock<Arc<SamplingRules>>>,
     pub metrics: Arc<WriterMetrics>,
     pub ingest_metrics: Arc<IngestMetrics>,
     /// Runtime on which block writes (object store I/O) run.
@@ -690,6 +692,7 @@ pub fn run_writer(
     let mut last_maintenance = Instant::now();
     let mut last_lag = Instant::now();
     let mut watch = AssignmentWatch::new(settings.session_timeout);
+    let mut rules_in_force = shared.rules.read().expect("rules lock").clone();
     let mut paused = false;
     let mut backoff_until: Option<Instant> = None;
     let mut backoff = Duration::from_millis(500);
@@ -734,7 +737,13 @@ pub fn run_writer(
         let mut parts = shared.partitions.lock().expect("partitions lock");
         let retry_now = backoff_until.is_none_or(|t| now >= t);
         let mut failed = false;
+        let rules = shared.rules.read().expect("rules lock").clone();
+        let rules_changed = !Arc::ptr_eq(&rules, &rules_in_force);
+        rules_in_force = rules;
         for (&p, state) in parts.iter_mut() {
+            if rules_changed {
+                state.writer.set_rules(rules_in_force.clone());
+            }
             state.writer.tick(now);
             if retry_now && let Err(e) = shared.flush(p, state, false) {
                 failed = true;

@@ -358,6 +358,12 @@ impl EmbeddedQueue {
         }
     }
 
+    /// Replaces the tail-sampling rules (config reload); traces already held keep the
+    /// policy they started with.
+    pub fn set_rules(&self, rules: Arc<SamplingRules>) {
+        self.shared.state().writer.set_rules(rules);
+    }
+
     /// Flushes everything and stops the log writer; later appends are refused.
     pub async fn shutdown(self) -> Result<(), QueueError> {
         let result = self.flush().await;

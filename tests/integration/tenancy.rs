@@ -300,6 +300,47 @@ async fn config_changes_take_effect_without_a_restart_and_bad_ones_are_rejected(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(export(&loupe, Some(&a.ingest), "svc").await.0, 200);
+
+    // A new sampling policy applies to traces that arrive after the change.
+    let reloads = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("loupe_config_reloads_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = reloads(&loupe.metrics().await);
+    std::fs::write(
+        &config,
+        format!(
+            "tenants:\n{}    sampling: {{ decision_wait: 1s, keep_errors: true, percentage: 0 }}\n",
+            a.yaml("ns/a", "dev")
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reloads(&loupe.metrics().await) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the sampling change was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(export(&loupe, Some(&a.ingest), "sampled").await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = loupe.metrics().await;
+        let dropped = m.lines().any(|l| {
+            l.starts_with("loupe_sampling_traces_total{")
+                && l.contains("tenant=\"ns/a\"")
+                && l.contains("decision=\"drop\"")
+                && !l.ends_with(" 0")
+        });
+        if dropped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no trace dropped:\n{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]
