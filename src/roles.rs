@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use loupe_core::TenantId;
-use loupe_core::keys::AccessControl;
 use loupe_core::storage::Storage;
 use loupe_ingester::Ingest;
 use loupe_ingester::kafka::{
@@ -22,10 +21,7 @@ use loupe_querier::index::StorageIndex;
 use loupe_querier::{QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
 
-use crate::server::{
-    ConfigMetrics, access_line, bind, load_config, open_access, ops_router, parse_duration, say,
-    serve, shutdown_signal, watch_config,
-};
+use crate::server::{Access, bind, ops_router, parse_duration, say, serve, shutdown_signal};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -90,16 +86,8 @@ pub struct IngesterArgs {
     role: Role,
     #[command(flatten)]
     kafka: KafkaArgs,
-    /// Data-plane config file (YAML): tenants, keys, limits, pricing, sampling.
-    /// Reloaded when it changes.
-    #[arg(long, env = "LOUPE_CONFIG")]
-    config: Option<PathBuf>,
-    /// Tenant that receives every export while the config lists no key.
-    #[arg(long, env = "LOUPE_TENANT", default_value = "default/default")]
-    tenant: TenantId,
-    /// Serve without keys on a non-loopback address.
-    #[arg(long)]
-    no_auth: bool,
+    #[command(flatten)]
+    access: AccessArgs,
     /// OTLP/gRPC listen address (receive).
     #[arg(long, env = "LOUPE_GRPC_ADDR", default_value = "127.0.0.1:4317")]
     grpc_addr: SocketAddr,
@@ -154,9 +142,8 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
     if receive {
         exposed.extend([args.grpc_addr, args.http_addr]);
     }
-    let config = load_config(args.config.as_deref())?;
-    let open = open_access(&exposed, args.no_auth, &args.tenant, &config)?;
-    let access = Arc::new(AccessControl::new(&config, open.clone()));
+    let access = args.access.load(&exposed)?;
+    let config = &access.config;
     let kafka = args.kafka.config();
     let partitions = kafka::ensure_topic(
         &kafka,
@@ -191,12 +178,12 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         sink = Some(producer.clone());
         let ingest = Arc::new(Ingest::new(
             producer,
-            &config,
-            access.clone(),
+            config,
+            access.control.clone(),
             ingest_metrics.clone(),
         )?);
         reload_ingest = Some(ingest.clone());
-        lines.push(access_line(&access, open.as_ref()));
+        lines.push(access.line());
         let (grpc, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
         let (http, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
         servers.push(serve(
@@ -230,7 +217,7 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
             max_buffer_bytes: args.max_buffer_mib << 20,
             session_timeout: args.session_timeout,
         };
-        let rules = Arc::new(RwLock::new(Arc::new(SamplingRules::from_config(&config))));
+        let rules = Arc::new(RwLock::new(Arc::new(SamplingRules::from_config(config))));
         reload_rules = Some(rules.clone());
         let writer_metrics = Arc::new(WriterMetrics::new(&mut registry));
         let runtime = tokio::runtime::Handle::current();
@@ -255,21 +242,15 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         writer_ended = Some(ended_rx);
     }
 
-    watch_config(
-        args.config.clone(),
-        &config,
-        ConfigMetrics::new(&mut registry),
-        move |c| {
-            if let Some(ingest) = &reload_ingest {
-                ingest.reload(c)?;
-            }
-            if let Some(rules) = &reload_rules {
-                *rules.write().expect("rules lock") = Arc::new(SamplingRules::from_config(c));
-            }
-            access.reload(c);
-            Ok(())
-        },
-    );
+    access.watch(&mut registry, move |c| {
+        if let Some(ingest) = &reload_ingest {
+            ingest.reload(c)?;
+        }
+        if let Some(rules) = &reload_rules {
+            *rules.write().expect("rules lock") = Arc::new(SamplingRules::from_config(c));
+        }
+        Ok(())
+    });
     let (ops, ops_local) = bind(args.metrics_addr, "metrics").await?;
     servers.push(serve(ops, ops_router(registry), &stop_rx));
     lines.push(format!("  metrics    http://{ops_local}/metrics"));
@@ -322,8 +303,15 @@ pub struct QuerierArgs {
     /// How often storage is listed for new blocks.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     refresh: Duration,
-    /// Data-plane config file (YAML): tenants and their query keys. Reloaded when it
-    /// changes.
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// The config file and keyless access, as the distributed roles take them.
+#[derive(clap::Args)]
+pub struct AccessArgs {
+    /// Data-plane config file (YAML): tenants, keys, limits, pricing, sampling.
+    /// Reloaded when it changes.
     #[arg(long, env = "LOUPE_CONFIG")]
     config: Option<PathBuf>,
     /// Tenant served while the config lists no key.
@@ -334,10 +322,14 @@ pub struct QuerierArgs {
     no_auth: bool,
 }
 
+impl AccessArgs {
+    fn load(&self, addrs: &[SocketAddr]) -> anyhow::Result<Access> {
+        Access::load(self.config.as_deref(), addrs, self.no_auth, &self.tenant)
+    }
+}
+
 pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
-    let config = load_config(args.config.as_deref())?;
-    let open = open_access(&[args.query_addr], args.no_auth, &args.tenant, &config)?;
-    let access = Arc::new(AccessControl::new(&config, open.clone()));
+    let access = args.access.load(&[args.query_addr])?;
     let storage = Storage::open(&args.storage)?;
     let index = StorageIndex::new(storage.clone());
     let blocks = index
@@ -347,28 +339,17 @@ pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
     tokio::spawn(index.clone().refresh_loop(args.refresh));
     let mut registry = Registry::default();
     let metrics = QueryMetrics::new(&mut registry);
-    watch_config(
-        args.config.clone(),
-        &config,
-        ConfigMetrics::new(&mut registry),
-        {
-            let access = access.clone();
-            move |c| {
-                access.reload(c);
-                Ok(())
-            }
-        },
-    );
+    access.watch(&mut registry, |_| Ok(()));
     let engine = Arc::new(QueryEngine::new(Arc::new(index), storage.object_store()));
-    let router =
-        loupe_querier::api::router(engine, access.clone(), metrics).merge(ops_router(registry));
+    let router = loupe_querier::api::router(engine, access.control.clone(), metrics)
+        .merge(ops_router(registry));
     let (listener, local) = bind(args.query_addr, "the query API").await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = serve(listener, router, &stop_rx);
     say(&format!(
         "loupe querier is running\n  query-api  http://{local}/api/v1/traces\n  storage    {} ({blocks} blocks)\n{}",
         storage.url(),
-        access_line(&access, open.as_ref())
+        access.line()
     ));
     shutdown_signal().await;
     let _ = stop_tx.send(true);

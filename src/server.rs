@@ -33,7 +33,7 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, 
 /// Which tenant is served without a key while the config lists none: the given one
 /// on loopback or with `--no-auth`, nobody when exposed without `--no-auth` — then
 /// the config must list keys, or the role refuses to start.
-pub fn open_access(
+fn open_access(
     addrs: &[SocketAddr],
     no_auth: bool,
     tenant: &TenantId,
@@ -69,14 +69,14 @@ pub const CONFIG_RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 /// Metrics of config reloads.
 #[derive(Clone)]
-pub struct ConfigMetrics {
+struct ConfigMetrics {
     reloads: Counter,
     failures: Counter,
     last_ok: Gauge,
 }
 
 impl ConfigMetrics {
-    pub fn new(registry: &mut Registry) -> ConfigMetrics {
+    fn new(registry: &mut Registry) -> ConfigMetrics {
         let m = ConfigMetrics {
             reloads: Counter::default(),
             failures: Counter::default(),
@@ -106,7 +106,7 @@ impl ConfigMetrics {
 /// Watches the config file and hands every valid change to `apply`; an invalid one
 /// is logged with the field it names and the last good config stays in force.
 /// Mounted ConfigMaps change by a symlink swap, so the file is read afresh each time.
-pub fn watch_config(
+fn watch_config(
     path: Option<PathBuf>,
     initial: &DataPlaneConfig,
     metrics: ConfigMetrics,
@@ -164,15 +164,67 @@ pub fn watch_config(
     });
 }
 
-/// One line saying who may use the role: keys, or the open tenant.
-pub fn access_line(access: &AccessControl, open: Option<&TenantId>) -> String {
-    match open {
-        Some(t) if access.is_open() => {
-            format!(
-                "  access     open: every request is {t} (add keys to the config to require them)"
-            )
+/// The config file a role serves by and who may use the role.
+pub struct Access {
+    pub config: DataPlaneConfig,
+    pub control: Arc<AccessControl>,
+    open: Option<TenantId>,
+    path: Option<PathBuf>,
+}
+
+impl Access {
+    /// Reads the config and decides who is served without a key (see
+    /// [`open_access`]) for a role listening on `addrs`.
+    pub fn load(
+        path: Option<&Path>,
+        addrs: &[SocketAddr],
+        no_auth: bool,
+        tenant: &TenantId,
+    ) -> anyhow::Result<Access> {
+        let config = load_config(path)?;
+        let open = open_access(addrs, no_auth, tenant, &config)?;
+        let control = Arc::new(AccessControl::new(&config, open.clone()));
+        Ok(Access {
+            config,
+            control,
+            open,
+            path: path.map(Path::to_path_buf),
+        })
+    }
+
+    /// Reloads the keys on every valid change of the config file, after `apply`
+    /// took the rest of it; registers the reload metrics.
+    pub fn watch(
+        &self,
+        registry: &mut Registry,
+        apply: impl Fn(&DataPlaneConfig) -> anyhow::Result<()> + Send + 'static,
+    ) {
+        let control = self.control.clone();
+        watch_config(
+            self.path.clone(),
+            &self.config,
+            ConfigMetrics::new(registry),
+            move |c| {
+                apply(c)?;
+                control.reload(c);
+                Ok(())
+            },
+        );
+    }
+
+    /// One line saying who may use the role: keys, or the open tenant.
+    pub fn line(&self) -> String {
+        match &self.open {
+            Some(t) if self.control.is_open() => {
+                format!(
+                    "  access     open: every request is {t} (add keys to the config to require them)"
+                )
+            }
+            _ => format!(
+                "  access     keys required ({} configured)",
+                self.control.keys()
+            ),
         }
-        _ => format!("  access     keys required ({} configured)", access.keys()),
     }
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use loupe_core::TenantId;
-use loupe_core::keys::AccessControl;
 use loupe_core::storage::Storage;
 use loupe_ingester::metrics::{IngestMetrics, WriterMetrics};
 use loupe_ingester::writer::SamplingRules;
@@ -15,10 +14,7 @@ use loupe_ingester::{EmbeddedQueue, Ingest, QueueConfig};
 use loupe_querier::{QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
 
-use crate::server::{
-    ConfigMetrics, access_line, bind, load_config, open_access, parse_duration, say, serve,
-    shutdown_signal, watch_config,
-};
+use crate::server::{Access, bind, parse_duration, say, serve, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -65,14 +61,13 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let config = load_config(args.config.as_deref())?;
-    let open = open_access(
+    let access = Access::load(
+        args.config.as_deref(),
         &[args.grpc_addr, args.http_addr, args.query_addr],
         args.no_auth,
         &TenantId::default_tenant(),
-        &config,
     )?;
-    let access = Arc::new(AccessControl::new(&config, open.clone()));
+    let config = &access.config;
 
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
@@ -94,7 +89,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let queue = EmbeddedQueue::open(
         queue_config,
         storage.clone(),
-        Arc::new(SamplingRules::from_config(&config)),
+        Arc::new(SamplingRules::from_config(config)),
         ingest_metrics.clone(),
         Arc::new(WriterMetrics::new(&mut registry)),
     )
@@ -103,17 +98,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let ingest = Arc::new(Ingest::new(
         Arc::new(queue.clone()),
-        &config,
-        access.clone(),
+        config,
+        access.control.clone(),
         ingest_metrics,
     )?);
-    let config_metrics = ConfigMetrics::new(&mut registry);
-    watch_config(args.config.clone(), &config, config_metrics, {
-        let (access, ingest, queue) = (access.clone(), ingest.clone(), queue.clone());
+    access.watch(&mut registry, {
+        let (ingest, queue) = (ingest.clone(), queue.clone());
         move |c| {
             ingest.reload(c)?;
             queue.set_rules(Arc::new(SamplingRules::from_config(c)));
-            access.reload(c);
             Ok(())
         }
     });
@@ -122,7 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         storage.object_store(),
     ));
 
-    let query_router = loupe_querier::api::router(engine, access.clone(), query_metrics)
+    let query_router = loupe_querier::api::router(engine, access.control.clone(), query_metrics)
         .merge(crate::server::ops_router(registry));
 
     let (grpc_listener, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
@@ -150,7 +143,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
          query-api  http://{query_local}/api/v1/traces\n  data       {}\n  storage    {}\n{}",
         args.data_dir.display(),
         storage.url(),
-        access_line(&access, open.as_ref())
+        access.line()
     ));
 
     if args.demo {

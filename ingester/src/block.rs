@@ -100,7 +100,8 @@ pub fn encode(batches: &[RecordBatch]) -> Result<EncodedBlock, BlockError> {
 
     let ids = sorted.column(0).as_fixed_size_binary();
     let span_ids = sorted.column(1).as_fixed_size_binary();
-    // SipHash with fixed keys: the same content gives the same digest in every run.
+    // SipHash with fixed keys: the same content gives the same digest in every run of
+    // one build (enough for a retried write to find its own block).
     let mut digest = std::hash::DefaultHasher::new();
     for i in 0..ids.len() {
         digest.write(ids.value(i));

@@ -317,12 +317,6 @@ async fn send(loupe: &Loupe, service: &str, n: usize) -> BTreeSet<String> {
     ids
 }
 
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn spans_flow_from_receive_through_kafka_to_a_separate_querier() {
     let cluster = Cluster::new();
@@ -459,18 +453,13 @@ async fn search_all(loupe: &Loupe, service: &str) -> BTreeSet<String> {
 /// trace of the mix: kept traces are written at once, dropped ones only after the
 /// 4 s decision wait.
 async fn await_all_decided(decider: &Loupe, all: usize) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    eventually(Duration::from_secs(90), || async move {
         let (keep, drop) = decisions(&decider.metrics().await);
-        if keep + drop >= all {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{keep} kept + {drop} dropped of {all} decided"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        (keep + drop >= all)
+            .then_some(())
+            .ok_or_else(|| format!("{keep} kept + {drop} dropped of {all} decided"))
+    })
+    .await;
 }
 
 /// Traces kept and dropped, summed over tenants and reasons.
@@ -778,19 +767,14 @@ async fn records_deleted_by_the_broker_before_they_are_read_are_reported_as_lost
     }
 
     let writer = cluster.writer(&[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let lost = metric(&writer.metrics().await, "loupe_writer_records_lost_total");
-        if lost > 0.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no loss reported:\n{}",
-            writer.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let w = &writer;
+    eventually(Duration::from_secs(60), || async move {
+        let lost = metric(&w.metrics().await, "loupe_writer_records_lost_total");
+        (lost > 0.0)
+            .then_some(())
+            .ok_or_else(|| format!("no loss reported:\n{}", w.log()))
+    })
+    .await;
     assert!(
         writer
             .log()

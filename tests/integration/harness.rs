@@ -215,6 +215,28 @@ impl Drop for Loupe {
 }
 
 /// Every file under `dir`, recursively.
+/// Polls `check` every 200 ms until it returns `Ok`; after `timeout`, fails with the
+/// last error it returned.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Err(why) = check().await else { return };
+        assert!(Instant::now() < deadline, "after {timeout:?}: {why}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The value of a metric line (`name{labels}` as printed), 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];

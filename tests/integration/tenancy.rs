@@ -3,7 +3,7 @@
 //! another's traces, keys never show in logs or errors, and the config reloads
 //! without a restart (an invalid change keeps the last good config).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use loupe_core::keys::{KeyHash, Scope, generate};
 use serde_json::Value;
@@ -65,18 +65,17 @@ async fn query(loupe: &Loupe, key: Option<&str>, path: &str) -> (u16, Value) {
 }
 
 async fn await_status(loupe: &Loupe, key: &str, path: &str, want: u16) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, body) = query(loupe, Some(key), path).await;
-        if status == want {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{path}: {status} {body}, wanted {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = std::sync::Mutex::new(Value::Null);
+    let last = &body;
+    eventually(Duration::from_secs(20), || async move {
+        let (status, got) = query(loupe, Some(key), path).await;
+        let ok = status == want;
+        let why = format!("{path}: {status} {got}, wanted {want}");
+        *last.lock().unwrap() = got;
+        ok.then_some(()).ok_or(why)
+    })
+    .await;
+    body.into_inner().unwrap()
 }
 
 #[tokio::test]
@@ -209,8 +208,7 @@ async fn keys_isolate_projects_and_environments() {
 }
 
 async fn await_blocks(blocks: &std::path::Path, tenants: &[&str]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), || async move {
         let files = walk(blocks);
         let all = tenants.iter().all(|t| {
             files.iter().any(|p| {
@@ -219,12 +217,10 @@ async fn await_blocks(blocks: &std::path::Path, tenants: &[&str]) {
                     && p.to_string_lossy().ends_with(".meta.json")
             })
         });
-        if all {
-            return;
-        }
-        assert!(Instant::now() < deadline, "blocks per tenant: {files:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        all.then_some(())
+            .ok_or_else(|| format!("blocks per tenant: {files:?}"))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -249,11 +245,14 @@ async fn config_changes_take_effect_without_a_restart_and_bad_ones_are_rejected(
         ),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while export(&loupe, Some(&b.ingest), "svc").await.0 != 200 {
-        assert!(Instant::now() < deadline, "the new key was never accepted");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (l, b_key) = (&loupe, b.ingest.as_str());
+    eventually(Duration::from_secs(20), || async move {
+        let status = export(l, Some(b_key), "svc").await.0;
+        (status == 200)
+            .then_some(())
+            .ok_or_else(|| format!("the new key was never accepted ({status})"))
+    })
+    .await;
 
     // An invalid file is rejected with the field named, and the last good config
     // stays in force.
@@ -266,15 +265,13 @@ async fn config_changes_take_effect_without_a_restart_and_bad_ones_are_rejected(
         ),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !loupe.log().contains("config change rejected") {
-        assert!(
-            Instant::now() < deadline,
-            "no rejection logged:\n{}",
-            loupe.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(20), || async move {
+        let log = l.log();
+        log.contains("config change rejected")
+            .then_some(())
+            .ok_or_else(|| format!("no rejection logged:\n{log}"))
+    })
+    .await;
     assert!(
         loupe.log().contains("tenants[2].retention"),
         "{}",
@@ -294,21 +291,17 @@ async fn config_changes_take_effect_without_a_restart_and_bad_ones_are_rejected(
 
     // Removing a project's keys revokes them.
     std::fs::write(&config, format!("tenants:\n{}", a.yaml("ns/a", "dev"))).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while export(&loupe, Some(&b.ingest), "svc").await.0 != 401 {
-        assert!(Instant::now() < deadline, "the removed key still works");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(20), || async move {
+        let status = export(l, Some(b_key), "svc").await.0;
+        (status == 401)
+            .then_some(())
+            .ok_or_else(|| format!("the removed key still works ({status})"))
+    })
+    .await;
     assert_eq!(export(&loupe, Some(&a.ingest), "svc").await.0, 200);
 
     // A new sampling policy applies to traces that arrive after the change.
-    let reloads = |m: &str| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("loupe_config_reloads_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let before = reloads(&loupe.metrics().await);
+    let before = metric(&loupe.metrics().await, "loupe_config_reloads_total");
     std::fs::write(
         &config,
         format!(
@@ -317,30 +310,27 @@ async fn config_changes_take_effect_without_a_restart_and_bad_ones_are_rejected(
         ),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reloads(&loupe.metrics().await) == before {
-        assert!(
-            Instant::now() < deadline,
-            "the sampling change was not taken"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(20), || async move {
+        let now = metric(&l.metrics().await, "loupe_config_reloads_total");
+        (now > before)
+            .then_some(())
+            .ok_or_else(|| "the sampling change was not taken".to_string())
+    })
+    .await;
     assert_eq!(export(&loupe, Some(&a.ingest), "sampled").await.0, 200);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = loupe.metrics().await;
-        let dropped = m.lines().any(|l| {
-            l.starts_with("loupe_sampling_traces_total{")
-                && l.contains("tenant=\"ns/a\"")
-                && l.contains("decision=\"drop\"")
-                && !l.ends_with(" 0")
+    eventually(Duration::from_secs(20), || async move {
+        let m = l.metrics().await;
+        let dropped = m.lines().any(|line| {
+            line.starts_with("loupe_sampling_traces_total{")
+                && line.contains("tenant=\"ns/a\"")
+                && line.contains("decision=\"drop\"")
+                && !line.ends_with(" 0")
         });
-        if dropped {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no trace dropped:\n{m}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        dropped
+            .then_some(())
+            .ok_or_else(|| format!("no trace dropped:\n{m}"))
+    })
+    .await;
 }
 
 #[tokio::test]
