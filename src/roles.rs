@@ -272,9 +272,7 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
         }
     };
     let _ = stop_tx.send(true);
-    for s in servers {
-        let _ = s.await;
-    }
+    crate::server::drain(servers).await;
     if let Some(sink) = sink {
         sink.flush(args.delivery_timeout);
     }

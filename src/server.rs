@@ -283,6 +283,27 @@ pub fn serve(
     })
 }
 
+/// How long requests in flight get to finish after a stop signal.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for servers told to stop; connections still open after [`DRAIN_TIMEOUT`]
+/// (a client idling on a keep-alive connection) are closed, so that a stop always
+/// reaches the final flush.
+pub async fn drain(
+    servers: impl IntoIterator<Item = tokio::task::JoinHandle<std::io::Result<()>>>,
+) {
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    for mut s in servers {
+        if tokio::time::timeout_at(deadline, &mut s).await.is_err() {
+            tracing::warn!(
+                timeout = ?DRAIN_TIMEOUT,
+                "connections still open after the drain timeout; closing them"
+            );
+            s.abort();
+        }
+    }
+}
+
 /// Prints a line for the person (or script) that started the server. A closed stdout
 /// (`loupe standalone | head`) must not bring the server down, so errors are ignored.
 pub fn say(text: &str) {

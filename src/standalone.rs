@@ -169,9 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: finishing requests and flushing blocks");
     let _ = stop_tx.send(true);
-    for s in servers {
-        let _ = s.await;
-    }
+    crate::server::drain(servers).await;
     queue.shutdown().await.context("final flush failed; spans remain in the write-ahead log and are replayed on the next start")?;
     Ok(())
 }

@@ -66,6 +66,12 @@ pub struct BlockMeta {
 }
 
 impl BlockMeta {
+    /// How many decided spans each stored span stands for: `seen_spans / spans`, at
+    /// least 1 (a block without sampling, or one written before counts were kept).
+    pub fn sampling_weight(&self) -> f64 {
+        sampling_weight(self.seen_spans, self.spans)
+    }
+
     pub fn meta_path(&self) -> String {
         meta_path(&self.tenant, &self.block_id)
     }
@@ -73,6 +79,15 @@ impl BlockMeta {
     /// Whether the block may hold spans starting in `[start_ns, end_ns)`.
     pub fn overlaps(&self, start_ns: i64, end_ns: i64) -> bool {
         self.min_start_ns < end_ns && self.max_start_ns >= start_ns
+    }
+}
+
+/// `seen / kept`, at least 1; 1 when nothing was kept.
+pub fn sampling_weight(seen: u64, kept: u64) -> f64 {
+    if kept == 0 || seen <= kept {
+        1.0
+    } else {
+        seen as f64 / kept as f64
     }
 }
 
@@ -90,6 +105,9 @@ pub fn meta_path(tenant: &TenantId, block_id: &str) -> String {
 pub struct TenantSnapshot {
     pub blocks: Vec<BlockMeta>,
     pub head: Vec<RecordBatch>,
+    /// Spans tail sampling decided on (kept or dropped) that the head's kept spans
+    /// stand for, like [`BlockMeta::seen_spans`]; 0 when unknown (taken as no sampling).
+    pub head_seen_spans: u64,
 }
 
 /// The source of a tenant's visible data. The standalone process implements it from

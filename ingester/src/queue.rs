@@ -446,6 +446,7 @@ impl SpanSource for EmbeddedQueue {
         TenantSnapshot {
             blocks: state.blocks.get(tenant).cloned().unwrap_or_default(),
             head: state.writer.kept_batches(tenant),
+            head_seen_spans: state.writer.seen_spans(tenant),
         }
     }
 }

@@ -449,6 +449,12 @@ impl PartitionWriter {
         buf.sealed.iter().map(|c| c.batch.clone()).collect()
     }
 
+    /// Spans decided for a tenant (kept or dropped) since its last block: what the
+    /// kept spans of [`PartitionWriter::kept_batches`] stand for.
+    pub fn seen_spans(&self, tenant: &TenantId) -> u64 {
+        self.kept.get(tenant).map_or(0, |b| b.seen_spans)
+    }
+
     /// Blocks to write now: tenants whose kept spans reached the size threshold or
     /// waited the flush interval, or every tenant with anything when `force` is set.
     /// The spans stay buffered (and visible) until [`PartitionWriter::written`].

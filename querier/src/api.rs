@@ -60,6 +60,8 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
     Router::new()
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/api/v1/metrics", get(llm_metrics))
+        .route("/api/v1/compare", get(compare))
         .with_state(Arc::new(ApiState {
             engine,
             auth,
@@ -169,6 +171,69 @@ async fn search(
     Ok(axum::Json(result?).into_response())
 }
 
+async fn compare(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    for k in params.keys() {
+        if k != "a" && k != "b" {
+            return Err(bad(format!("unknown parameter {k:?}; accepted: a, b")));
+        }
+    }
+    let id = |k: &str| -> Result<[u8; 16], ApiError> {
+        let v = params
+            .get(k)
+            .ok_or_else(|| bad(format!("missing parameter {k}: a trace id")))?;
+        parse_trace_id(v).map_err(|e| bad(format!("{k}: {e}")))
+    };
+    let (a, b) = (id("a")?, id("b")?);
+    let (ta, tb) = tokio::join!(
+        state.engine.trace(&tenant, a),
+        state.engine.trace(&tenant, b)
+    );
+    let result = match (ta, tb) {
+        (Ok(Some(ta)), Ok(Some(tb))) => Ok((ta, tb)),
+        (Ok(None), _) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("trace a ({}) not found", crate::engine::hex(&a)),
+        )),
+        (_, Ok(None)) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("trace b ({}) not found", crate::engine::hex(&b)),
+        )),
+        (Err(e), _) | (_, Err(e)) => Err(e.into()),
+    };
+    state.observe("compare", result.is_ok(), started);
+    let (ta, tb) = result?;
+    // Large traces take a while to align: off the async workers.
+    let comparison = tokio::task::spawn_blocking(move || crate::compare::compare(&ta, &tb))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("compare failed: {e}"),
+            )
+        })?;
+    Ok(axum::Json(comparison).into_response())
+}
+
+async fn llm_metrics(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    let range = parse_range(&params, now_ns())?;
+    let query = crate::stats::parse_metrics(&params, range).map_err(bad)?;
+    let result = state.engine.metrics(&tenant, &query).await;
+    state.observe("metrics", result.is_ok(), started);
+    Ok(axum::Json(result?).into_response())
+}
+
 fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
@@ -205,19 +270,7 @@ pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQu
     }
     let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let text = |k: &str| get(k).map(str::to_owned);
-    let end_ns = match get("end") {
-        Some(v) => parse_time(v).map_err(|e| bad(format!("end: {e}")))?,
-        None => now_ns,
-    };
-    let start_ns = match (get("start"), get("since")) {
-        (Some(_), Some(_)) => return Err(bad("give either start or since, not both")),
-        (Some(v), None) => parse_time(v).map_err(|e| bad(format!("start: {e}")))?,
-        (None, Some(v)) => {
-            let d = parse_duration(v, None).map_err(|e| bad(format!("since: {e}")))?;
-            end_ns.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64)
-        }
-        (None, None) => end_ns.saturating_sub(DEFAULT_LOOKBACK.as_nanos() as i64),
-    };
+    let (start_ns, end_ns) = parse_range(p, now_ns)?;
     let duration = |k: &str| -> Result<Option<i64>, ApiError> {
         get(k)
             .map(|v| {
@@ -276,6 +329,26 @@ pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQu
         prompt_version: text("prompt_version"),
         limit,
     })
+}
+
+/// Parses a time range from `start` and `end` (RFC 3339 or Unix seconds) or `since`
+/// (a duration before `end`); the default is the last [`DEFAULT_LOOKBACK`] before now.
+pub fn parse_range(p: &HashMap<String, String>, now_ns: i64) -> Result<(i64, i64), ApiError> {
+    let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let end_ns = match get("end") {
+        Some(v) => parse_time(v).map_err(|e| bad(format!("end: {e}")))?,
+        None => now_ns,
+    };
+    let start_ns = match (get("start"), get("since")) {
+        (Some(_), Some(_)) => return Err(bad("give either start or since, not both")),
+        (Some(v), None) => parse_time(v).map_err(|e| bad(format!("start: {e}")))?,
+        (None, Some(v)) => {
+            let d = parse_duration(v, None).map_err(|e| bad(format!("since: {e}")))?;
+            end_ns.saturating_sub(d.as_nanos().min(i64::MAX as u128) as i64)
+        }
+        (None, None) => end_ns.saturating_sub(DEFAULT_LOOKBACK.as_nanos() as i64),
+    };
+    Ok((start_ns, end_ns))
 }
 
 /// Parses RFC 3339 (`2026-11-21T10:00:00Z`) or Unix seconds (`1763719200`, `1763719200.5`).

@@ -6,7 +6,7 @@
 //! registered, so a query cannot reach another tenant's prefix. Values from the
 //! request travel as SQL parameters (`$1`, `$2`, …), never spliced into SQL text.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
@@ -80,6 +80,30 @@ pub struct SearchQuery {
     pub limit: usize,
 }
 
+/// What sampling left out of a query's range: the spans stored and the spans decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingInfo {
+    pub kept_spans: u64,
+    pub seen_spans: u64,
+}
+
+/// A session over a tenant's spans with their sampling weights.
+pub(crate) struct WeightedSpans {
+    pub ctx: SessionContext,
+    /// `SELECT <cols>, w FROM … UNION ALL …` over every span starting in `[$1, $2)`.
+    pub sql: String,
+    pub sampling: SamplingInfo,
+}
+
+/// A weight rounded to four significant digits.
+fn round_weight(w: f64) -> f64 {
+    if !w.is_finite() || w <= 1.0 {
+        return 1.0;
+    }
+    let scale = 10f64.powi(3 - w.log10().floor() as i32);
+    (w * scale).round() / scale
+}
+
 /// Runs queries; one per process, shared by every request.
 pub struct QueryEngine {
     source: Arc<dyn SpanSource>,
@@ -146,6 +170,78 @@ impl QueryEngine {
             Arc::new(MemTable::try_new(schema, vec![snapshot.head])?),
         )?;
         Ok(ctx)
+    }
+
+    /// A session over the tenant's spans that may start in `range`, for aggregates
+    /// that extrapolate sampled-out volume. Blocks are registered in groups of equal
+    /// sampling weight ([`BlockMeta::sampling_weight`]); [`WeightedSpans::sql`] is a
+    /// `UNION ALL` selecting `cols` and the weight `w` of every span starting in
+    /// `[$1, $2)` (the caller's first two parameters).
+    pub(crate) async fn weighted_spans(
+        &self,
+        tenant: &TenantId,
+        range: (i64, i64),
+        cols: &str,
+    ) -> Result<WeightedSpans, QueryError> {
+        let snapshot = self.source.snapshot(tenant);
+        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        let schema = span_schema();
+        let mut sampling = SamplingInfo::default();
+        // Weights are rounded so that blocks of one policy share few tables.
+        let mut groups: BTreeMap<u64, Vec<ListingTableUrl>> = BTreeMap::new();
+        for b in snapshot
+            .blocks
+            .iter()
+            .filter(|b| b.spans > 0 && b.overlaps(range.0, range.1))
+        {
+            sampling.kept_spans += b.spans;
+            sampling.seen_spans += b.seen_spans.max(b.spans);
+            let w = round_weight(b.sampling_weight());
+            groups
+                .entry(w.to_bits())
+                .or_default()
+                .push(ListingTableUrl::parse(format!("{STORE_URL}{}", b.path))?);
+        }
+        let mut parts = Vec::new();
+        for (i, (bits, urls)) in groups.into_iter().enumerate() {
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(schema.clone());
+            let name = format!("blocks_{i}");
+            ctx.register_table(&name, Arc::new(ListingTable::try_new(config)?))?;
+            parts.push((name, f64::from_bits(bits)));
+        }
+        let head_rows: u64 = snapshot.head.iter().map(|b| b.num_rows() as u64).sum();
+        if head_rows > 0 {
+            sampling.kept_spans += head_rows;
+            sampling.seen_spans += snapshot.head_seen_spans.max(head_rows);
+            let w = round_weight(loupe_core::storage::sampling_weight(
+                snapshot.head_seen_spans,
+                head_rows,
+            ));
+            ctx.register_table(
+                "head",
+                Arc::new(MemTable::try_new(schema.clone(), vec![snapshot.head])?),
+            )?;
+            parts.push(("head".into(), w));
+        }
+        if parts.is_empty() {
+            ctx.register_table("head", Arc::new(MemTable::try_new(schema, vec![vec![]])?))?;
+            parts.push(("head".into(), 1.0));
+        }
+        let sql = parts
+            .iter()
+            .map(|(table, w)| {
+                format!(
+                    "SELECT {cols}, CAST({w:?} AS DOUBLE) AS w FROM {table} \
+                     WHERE start_ns >= $1 AND start_ns < $2"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        Ok(WeightedSpans { ctx, sql, sampling })
     }
 
     /// The trace with this id, or `None` when the tenant has no span of it.
@@ -373,17 +469,20 @@ fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, QueryError
         .ok_or_else(|| QueryError::Internal(format!("result has no column {name}")))
 }
 
-fn strings(b: &RecordBatch, name: &str) -> Result<ArrayRef, QueryError> {
+pub(crate) fn strings(b: &RecordBatch, name: &str) -> Result<ArrayRef, QueryError> {
     Ok(cast(column(b, name)?, &DataType::Utf8)?)
 }
 
-fn ints(b: &RecordBatch, name: &str) -> Result<arrow::array::Int64Array, QueryError> {
+pub(crate) fn ints(b: &RecordBatch, name: &str) -> Result<arrow::array::Int64Array, QueryError> {
     Ok(cast(column(b, name)?, &DataType::Int64)?
         .as_primitive::<Int64Type>()
         .clone())
 }
 
-fn floats(b: &RecordBatch, name: &str) -> Result<arrow::array::Float64Array, QueryError> {
+pub(crate) fn floats(
+    b: &RecordBatch,
+    name: &str,
+) -> Result<arrow::array::Float64Array, QueryError> {
     Ok(cast(column(b, name)?, &DataType::Float64)?
         .as_primitive::<Float64Type>()
         .clone())
@@ -590,6 +689,14 @@ pub fn build_trace(trace_id: String, spans: Vec<SpanNode>) -> TraceView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_are_rounded_to_four_significant_digits() {
+        assert_eq!(round_weight(0.5), 1.0);
+        assert_eq!(round_weight(f64::NAN), 1.0);
+        assert_eq!(round_weight(4.56789), 4.568);
+        assert_eq!(round_weight(123.456), 123.5);
+    }
 
     fn node(id: &str, parent: Option<&str>, start: i64) -> SpanNode {
         SpanNode {

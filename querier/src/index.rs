@@ -78,7 +78,7 @@ impl SpanSource for StorageIndex {
         blocks.sort_by(|a, b| a.block_id.cmp(&b.block_id));
         TenantSnapshot {
             blocks,
-            head: Vec::new(),
+            ..TenantSnapshot::default()
         }
     }
 }

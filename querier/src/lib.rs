@@ -2,10 +2,12 @@
 //! (plus spans not yet flushed), served as an HTTP JSON API.
 
 pub mod api;
+pub mod compare;
 pub mod engine;
 pub mod index;
 pub mod model;
 pub mod prune;
+pub mod stats;
 
 pub use api::QueryMetrics;
 pub use engine::{QueryEngine, QueryError, SearchQuery};

@@ -737,7 +737,7 @@ async fn records_deleted_by_the_broker_before_they_are_read_are_reported_as_lost
     }
     let receive = cluster.receive();
     let querier = cluster.querier();
-    let writer = cluster.writer(&[]);
+    let mut writer = cluster.writer(&[]);
     let first = send(&receive, "retention-svc", 20).await;
     await_traces(&querier, "retention-svc", &first, Duration::from_secs(60)).await;
     // A graceful stop commits everything written.

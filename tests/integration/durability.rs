@@ -77,7 +77,7 @@ async fn sigkill_after_acknowledgement_loses_nothing() {
     ids.extend(send_traces(&loupe, 30, "mixed").await);
     loupe.kill9();
 
-    let loupe = Loupe::start(dir.path(), &["--flush-interval", "1h"]);
+    let mut loupe = Loupe::start(dir.path(), &["--flush-interval", "1h"]);
     assert_all_present_once(&loupe, &ids).await;
 
     // 3. A graceful stop writes everything into blocks and empties the log.

@@ -120,7 +120,7 @@ impl Loupe {
     }
 
     /// Stops the process with SIGTERM and waits for it to exit.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -214,17 +214,19 @@ impl Drop for Loupe {
     }
 }
 
-/// Every file under `dir`, recursively.
-/// Polls `check` every 200 ms until it returns `Ok`; after `timeout`, fails with the
-/// last error it returned.
-pub async fn eventually<F, Fut>(timeout: Duration, mut check: F)
+/// Polls `check` every 200 ms until it returns `Ok`, and returns that value; after
+/// `timeout`, fails with the last error it returned.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<T, String>>,
 {
     let deadline = Instant::now() + timeout;
     loop {
-        let Err(why) = check().await else { return };
+        let why = match check().await {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
         assert!(Instant::now() < deadline, "after {timeout:?}: {why}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -237,6 +239,7 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Every file under `dir`, recursively.
 pub fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
