@@ -102,6 +102,7 @@ fn main() {
     let batch = SpanBatch {
         tenant: "default/default".into(),
         spans: normalized.clone(),
+        scores: Vec::new(),
     };
     bench("queue record encode (prost)", BATCH, bytes, time, || {
         std::hint::black_box(batch.encode_to_vec());

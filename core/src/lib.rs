@@ -13,4 +13,5 @@ pub mod keys;
 pub mod normalize;
 pub mod pricing;
 pub mod sampling;
+pub mod score;
 pub mod storage;

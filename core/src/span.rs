@@ -249,6 +249,9 @@ pub struct SpanBatch {
     pub tenant: String,
     #[prost(message, repeated, tag = "2")]
     pub spans: Vec<SpanRecord>,
+    /// Scores of traces or spans (see [`crate::score`]).
+    #[prost(message, repeated, tag = "3")]
+    pub scores: Vec<crate::score::ScoreRecord>,
 }
 
 impl SpanBatch {

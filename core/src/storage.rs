@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! tenants/<namespace>/<project>/blocks/<block_id>.parquet    span rows, sorted by (trace_id, start_ns)
+//! tenants/<namespace>/<project>/blocks/<block_id>.scores.parquet  scores written with the block, if any
 //! tenants/<namespace>/<project>/blocks/<block_id>.meta.json  written last: a block is visible once this exists
 //! ```
 //!
@@ -63,6 +64,9 @@ pub struct BlockMeta {
     pub seen_spans: u64,
     /// When the block was written, Unix nanoseconds.
     pub created_ns: i64,
+    /// Scores written with the block, in [`BlockMeta::scores_path`].
+    #[serde(default)]
+    pub scores: u64,
 }
 
 impl BlockMeta {
@@ -74,6 +78,11 @@ impl BlockMeta {
 
     pub fn meta_path(&self) -> String {
         meta_path(&self.tenant, &self.block_id)
+    }
+
+    /// The Parquet file of the block's scores (present when `scores > 0`).
+    pub fn scores_path(&self) -> String {
+        scores_path(&self.tenant, &self.block_id)
     }
 
     /// Whether the block may hold spans starting in `[start_ns, end_ns)`.
@@ -95,6 +104,10 @@ pub fn parquet_path(tenant: &TenantId, block_id: &str) -> String {
     format!("{}/{block_id}.parquet", blocks_prefix(tenant))
 }
 
+pub fn scores_path(tenant: &TenantId, block_id: &str) -> String {
+    format!("{}/{block_id}.scores.parquet", blocks_prefix(tenant))
+}
+
 pub fn meta_path(tenant: &TenantId, block_id: &str) -> String {
     format!("{}/{block_id}.meta.json", blocks_prefix(tenant))
 }
@@ -108,6 +121,8 @@ pub struct TenantSnapshot {
     /// Spans tail sampling decided on (kept or dropped) that the head's kept spans
     /// stand for, like [`BlockMeta::seen_spans`]; 0 when unknown (taken as no sampling).
     pub head_seen_spans: u64,
+    /// Scores not yet in a block, in [`crate::score::score_schema`].
+    pub head_scores: Vec<RecordBatch>,
 }
 
 /// The source of a tenant's visible data. The standalone process implements it from
@@ -244,17 +259,15 @@ impl Storage {
             let p = o.location.as_ref();
             if let Some(stem) = p.strip_suffix(".meta.json") {
                 metas.push((stem.to_owned(), self.read_meta(p).await?));
-            } else if let Some(stem) = p.strip_suffix(".parquet") {
-                parquet.insert(stem.to_owned());
+            } else if p.ends_with(".scores.parquet") || p.ends_with(".parquet") {
+                parquet.insert(p.to_owned());
             }
         }
         for (stem, _) in &metas {
-            parquet.remove(stem);
+            parquet.remove(&format!("{stem}.parquet"));
+            parquet.remove(&format!("{stem}.scores.parquet"));
         }
-        let orphans = parquet
-            .into_iter()
-            .map(|s| format!("{s}.parquet"))
-            .collect();
+        let orphans = parquet.into_iter().collect();
         let mut metas: Vec<BlockMeta> = metas.into_iter().map(|(_, m)| m).collect();
         metas.sort_by(|a, b| (&a.tenant, &a.block_id).cmp(&(&b.tenant, &b.block_id)));
         Ok((metas, orphans))

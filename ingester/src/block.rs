@@ -6,6 +6,7 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{SortColumn, interleave_record_batch, lexsort_to_indices};
 use arrow::datatypes::Int64Type;
 use bytes::Bytes;
+use loupe_core::score::{self, ScoreRecord};
 use loupe_core::span::{col, span_schema};
 use loupe_core::storage;
 use loupe_core::storage::{BLOCK_FORMAT_VERSION, BlockMeta, Storage, StorageError};
@@ -157,6 +158,33 @@ fn sort_chunks(
     interleave_record_batch(&refs, &order)
 }
 
+/// Encodes scores as a Parquet file sorted by trace id, with a bloom filter on it.
+pub fn encode_scores(scores: &[ScoreRecord]) -> Result<Bytes, BlockError> {
+    let enc = |e: &dyn std::fmt::Display| BlockError::Encode(e.to_string());
+    let mut sorted: Vec<&ScoreRecord> = scores.iter().collect();
+    sorted.sort_by(|a, b| (&a.trace_id, a.created_ns).cmp(&(&b.trace_id, b.created_ns)));
+    let sorted: Vec<ScoreRecord> = sorted.into_iter().cloned().collect();
+    let batch = score::scores_to_batch(&sorted).map_err(|e| enc(&e))?;
+    let trace_id = ColumnPath::from(score::col::TRACE_ID);
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).expect("valid level"),
+        ))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_column_bloom_filter_enabled(trace_id.clone(), true)
+        .set_column_bloom_filter_fpp(trace_id.clone(), 0.01)
+        .set_column_bloom_filter_max_ndv(trace_id.clone(), sorted.len().max(1) as u64)
+        .set_column_dictionary_enabled(trace_id, false)
+        .build();
+    let mut out = Vec::new();
+    let mut writer =
+        ArrowWriter::try_new(&mut out, score::score_schema(), Some(props)).map_err(|e| enc(&e))?;
+    writer.write(&batch).map_err(|e| enc(&e))?;
+    writer.close().map_err(|e| enc(&e))?;
+    Ok(Bytes::from(out))
+}
+
 /// Encodes and stores a block holding `source` records `first..=last`, then its
 /// metadata (last, which makes it visible). Rewriting the same range writes the same
 /// paths, so a retried flush never leaves two copies.
@@ -174,10 +202,22 @@ pub async fn write(
     digest.write_u64(block.digest);
     digest.write_u64(seen_spans);
     digest.write_u64(job.seq);
+    for s in &job.scores {
+        digest.write(s.score_id.as_bytes());
+    }
     let block_id = storage::block_id(source, first, last, digest.finish());
     let path = storage::parquet_path(tenant, &block_id);
     let size_bytes = block.parquet.len() as u64;
     storage.put_durable(&path, block.parquet).await?;
+    if !job.scores.is_empty() {
+        let scores = job.scores.clone();
+        let bytes = tokio::task::spawn_blocking(move || encode_scores(&scores))
+            .await
+            .map_err(|e| BlockError::Encode(e.to_string()))??;
+        storage
+            .put_durable(&storage::scores_path(tenant, &block_id), bytes)
+            .await?;
+    }
     if let Some(pause) = *FAULT_META_DELAY {
         tokio::time::sleep(pause).await;
     }
@@ -197,6 +237,7 @@ pub async fn write(
         last_seq: last,
         seen_spans: seen_spans.max(block.spans),
         created_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX),
+        scores: job.scores.len() as u64,
     };
     let json = serde_json::to_vec_pretty(&meta).expect("block metadata serializes");
     storage

@@ -41,13 +41,52 @@ struct RpcStatus {
     message: String,
 }
 
-/// The OTLP/HTTP routes.
+/// Paths on which scores are accepted (the second is Langfuse's).
+pub const SCORE_PATHS: [&str; 2] = ["/api/v1/scores", "/api/public/scores"];
+
+/// The OTLP/HTTP routes, and the scores route.
 pub fn router(ingest: Arc<Ingest>) -> Router {
     let mut router = Router::new();
     for path in TRACE_PATHS {
         router = router.route(path, post(export));
     }
+    for path in SCORE_PATHS {
+        router = router.route(path, post(scores));
+    }
     router.with_state(ingest)
+}
+
+/// `POST /api/v1/scores`: JSON scores, durable before the answer (`{"ids": [...]}`).
+#[tracing::instrument(skip_all, fields(protocol = "scores"))]
+async fn scores(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Body) -> Response {
+    let refuse = |err: IngestError| {
+        ingest.record_refusal("scores", &err);
+        error_response(Encoding::Json, &err)
+    };
+    if encoding_of(&headers).ok() != Some(Encoding::Json) {
+        let mut r = refuse(IngestError::InvalidArgument(
+            "scores are JSON: send content-type application/json".into(),
+        ));
+        *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        return r;
+    }
+    let tenant = match ingest.authenticate(&headers) {
+        Ok(t) => t,
+        Err(e) => return refuse(e),
+    };
+    let limit = ingest.limits().max_request_bytes;
+    let bytes = match read_body(&headers, body, limit).await {
+        Ok(b) => b,
+        Err(e) => return refuse(e),
+    };
+    match ingest.submit_scores(&tenant, &bytes).await {
+        Ok(ids) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "ids": ids })),
+        )
+            .into_response(),
+        Err(e) => error_response(Encoding::Json, &e),
+    }
 }
 
 fn error_response(encoding: Encoding, err: &IngestError) -> Response {

@@ -296,7 +296,7 @@ impl Ingest {
         }
         let accepted = normalized.spans.len();
         self.sink
-            .append(tenant, normalized.spans)
+            .append(tenant, normalized.spans, Vec::new())
             .await
             .map_err(|e| match e {
                 SinkError::Unavailable(msg) => IngestError::Unavailable(msg),
@@ -311,6 +311,48 @@ impl Ingest {
                 error_message: message,
             }),
         })
+    }
+}
+
+impl Ingest {
+    /// Accepts a JSON body of scores for `tenant` (see [`loupe_core::score::parse_scores`]);
+    /// returns their ids once they are durable. Any invalid score refuses the request.
+    pub async fn submit_scores(
+        &self,
+        tenant: &TenantId,
+        body: &[u8],
+    ) -> Result<Vec<String>, IngestError> {
+        let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let result = async {
+            let scores = loupe_core::score::parse_scores(
+                body,
+                || loupe_core::score::to_hex(&rand::random::<[u8; 16]>()),
+                now,
+            )
+            .map_err(IngestError::InvalidArgument)?;
+            let ids: Vec<String> = scores.iter().map(|s| s.score_id.clone()).collect();
+            self.sink
+                .append(tenant, Vec::new(), scores)
+                .await
+                .map_err(|e| match e {
+                    SinkError::Unavailable(msg) => IngestError::Unavailable(msg),
+                    SinkError::Internal(msg) => IngestError::Internal(msg),
+                })?;
+            Ok(ids)
+        }
+        .await;
+        match &result {
+            Ok(ids) => {
+                self.metrics.scores_accepted.inc_by(ids.len() as u64);
+            }
+            Err(e) => {
+                if let IngestError::Internal(detail) = e {
+                    tracing::error!(%tenant, error = %detail, "storing scores failed");
+                }
+                self.record_refusal("scores", e);
+            }
+        }
+        result
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use loupe_core::TenantId;
+use loupe_core::score::ScoreRecord;
 use loupe_core::span::{SpanBatch, SpanRecord, group_by_trace};
 use loupe_core::storage::Storage;
 use prost::Message as _;
@@ -257,20 +258,41 @@ impl SpanSink for KafkaSink {
         &'a self,
         tenant: &'a TenantId,
         spans: Vec<SpanRecord>,
+        scores: Vec<ScoreRecord>,
     ) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            if spans.is_empty() {
+            if spans.is_empty() && scores.is_empty() {
                 return Ok(());
             }
             // One record per trace: the key routes it, and a writer decides it whole.
-            let traces = group_by_trace(spans);
+            // Scores go to their trace's partition too.
+            let mut records: Vec<(Vec<u8>, Vec<SpanRecord>, Vec<ScoreRecord>)> =
+                group_by_trace(spans)
+                    .into_iter()
+                    .map(|(t, spans)| (t, spans, Vec::new()))
+                    .collect();
+            let mut index: std::collections::HashMap<Vec<u8>, usize> = records
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.0.clone(), i))
+                .collect();
+            for score in scores {
+                match index.get(&score.trace_id) {
+                    Some(&i) => records[i].2.push(score),
+                    None => {
+                        index.insert(score.trace_id.clone(), records.len());
+                        records.push((score.trace_id.clone(), Vec::new(), vec![score]));
+                    }
+                }
+            }
             let producer = self.producer();
-            let mut deliveries = Vec::with_capacity(traces.len());
-            for (trace_id, spans) in traces {
+            let mut deliveries = Vec::with_capacity(records.len());
+            for (trace_id, spans, scores) in records {
                 let key = record_key(tenant, &trace_id);
                 let payload = SpanBatch {
                     tenant: tenant.to_string(),
                     spans,
+                    scores,
                 }
                 .encode_to_vec();
                 let record = FutureRecord::to(&self.config.topic)
@@ -708,7 +730,7 @@ pub fn run_writer(
                     .and_then(|p| SpanBatch::decode(p).map_err(|e| e.to_string()))
                     .and_then(|b| {
                         let t = b.tenant_id().map_err(|e| e.to_string())?;
-                        Ok((t, b.spans))
+                        Ok((t, b.spans, b.scores))
                     });
                 let mut parts = shared.partitions.lock().expect("partitions lock");
                 let Some(state) = parts.get_mut(&partition) else {
@@ -716,8 +738,10 @@ pub fn run_writer(
                 };
                 check_continuity(&consumer, &shared, partition, offset, state);
                 match decoded {
-                    Ok((tenant, spans)) => {
-                        state.writer.push(offset, &tenant, spans, Instant::now())
+                    Ok((tenant, spans, scores)) => {
+                        let now = Instant::now();
+                        state.writer.push(offset, &tenant, spans, now);
+                        state.writer.push_scores(offset, &tenant, scores, now);
                     }
                     Err(reason) => {
                         metrics.records_rejected.inc();

@@ -36,6 +36,7 @@ pub struct IngestMetrics {
     pub block_bytes_written: Counter,
     pub flush_seconds: Histogram,
     pub flush_errors: Counter,
+    pub scores_accepted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -62,8 +63,14 @@ impl IngestMetrics {
             block_bytes_written: Counter::default(),
             flush_seconds: latency_histogram(),
             flush_errors: Counter::default(),
+            scores_accepted: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("loupe");
+        r.register(
+            "ingest_scores_accepted",
+            "Scores acknowledged as durable",
+            m.scores_accepted.clone(),
+        );
         r.register(
             "ingest_requests",
             "OTLP export requests received",

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use loupe_core::TenantId;
+use loupe_core::score::ScoreRecord;
 use loupe_core::span::{SpanBatch, SpanRecord};
 use loupe_core::storage::{BlockMeta, SpanSource, Storage, TenantSnapshot};
 use prost::Message;
@@ -94,6 +95,7 @@ struct AppendCmd {
     tenant: TenantId,
     payload: Vec<u8>,
     spans: Vec<SpanRecord>,
+    scores: Vec<ScoreRecord>,
     ack: oneshot::Sender<Result<(), String>>,
 }
 
@@ -223,6 +225,7 @@ impl EmbeddedQueue {
             let tenant = batch.tenant_id().map_err(|e| bad(e.to_string()))?;
             replayed += batch.spans.len();
             writer.push(rec.seq, &tenant, batch.spans, now);
+            writer.push_scores(rec.seq, &tenant, batch.scores, now);
         }
         if replayed > 0 {
             tracing::info!(spans = replayed, "replayed spans from the write-ahead log");
@@ -385,9 +388,10 @@ impl SpanSink for EmbeddedQueue {
         &'a self,
         tenant: &'a TenantId,
         spans: Vec<SpanRecord>,
+        scores: Vec<ScoreRecord>,
     ) -> futures::future::BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            if spans.is_empty() {
+            if spans.is_empty() && scores.is_empty() {
                 return Ok(());
             }
             let cfg = &self.shared.config;
@@ -401,6 +405,7 @@ impl SpanSink for EmbeddedQueue {
             let payload = SpanBatch {
                 tenant: tenant.to_string(),
                 spans,
+                scores,
             };
             let bytes = payload.encode_to_vec();
             let (ack, done) = oneshot::channel();
@@ -408,6 +413,7 @@ impl SpanSink for EmbeddedQueue {
                 tenant: tenant.clone(),
                 payload: bytes,
                 spans: payload.spans,
+                scores: payload.scores,
                 ack,
             });
             let wait = async {
@@ -447,6 +453,7 @@ impl SpanSource for EmbeddedQueue {
             blocks: state.blocks.get(tenant).cloned().unwrap_or_default(),
             head: state.writer.kept_batches(tenant),
             head_seen_spans: state.writer.seen_spans(tenant),
+            head_scores: state.writer.kept_scores(tenant),
         }
     }
 }
@@ -499,6 +506,7 @@ fn wal_writer(mut wal: Wal, mut rx: mpsc::Receiver<Cmd>, shared: Arc<Shared>) {
                     let mut acks = Vec::with_capacity(pending.len());
                     for (a, seq) in pending.drain(..).zip(seqs) {
                         state.writer.push(seq, &a.tenant, a.spans, now);
+                        state.writer.push_scores(seq, &a.tenant, a.scores, now);
                         acks.push(a.ack);
                     }
                     m.head_bytes.set(state.writer.buffered_bytes() as i64);
@@ -598,9 +606,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let q = open(dir.path()).await;
         let (a, b): (TenantId, TenantId) = ("ns/a".parse().unwrap(), "ns/b".parse().unwrap());
-        q.append(&a, spans(1, 3)).await.unwrap();
-        q.append(&b, spans(2, 2)).await.unwrap();
-        q.append(&a, spans(3, 1)).await.unwrap();
+        q.append(&a, spans(1, 3), Vec::new()).await.unwrap();
+        q.append(&b, spans(2, 2), Vec::new()).await.unwrap();
+        q.append(&a, spans(3, 1), Vec::new()).await.unwrap();
         assert_eq!(rows(&q.snapshot(&a)), (4, 0));
         assert_eq!(rows(&q.snapshot(&b)), (2, 0));
 
@@ -626,21 +634,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t: TenantId = "ns/a".parse().unwrap();
         let q = open(dir.path()).await;
-        q.append(&t, spans(1, 2)).await.unwrap();
+        q.append(&t, spans(1, 2), Vec::new()).await.unwrap();
         q.flush().await.unwrap();
-        q.append(&t, spans(2, 5)).await.unwrap();
+        q.append(&t, spans(2, 5), Vec::new()).await.unwrap();
         // Stop the writer without flushing: the 5 spans live only in the log.
         let (tx, rx) = oneshot::channel();
         q.tx.send(Cmd::Stop(tx)).await.unwrap();
         rx.await.unwrap();
         assert!(
-            q.append(&t, spans(9, 1)).await.is_err(),
+            q.append(&t, spans(9, 1), Vec::new()).await.is_err(),
             "a stopped queue refuses appends"
         );
 
         let q = open(dir.path()).await;
         assert_eq!(rows(&q.snapshot(&t)), (5, 2));
-        q.append(&t, spans(3, 1)).await.unwrap();
+        q.append(&t, spans(3, 1), Vec::new()).await.unwrap();
         q.flush().await.unwrap();
         let s = q.snapshot(&t);
         assert_eq!(rows(&s), (0, 8));
@@ -664,8 +672,8 @@ mod tests {
         })
         .await;
         let t: TenantId = "ns/a".parse().unwrap();
-        q.append(&t, spans(1, 1)).await.unwrap();
-        let err = q.append(&t, spans(2, 1)).await.unwrap_err();
+        q.append(&t, spans(1, 1), Vec::new()).await.unwrap();
+        let err = q.append(&t, spans(2, 1), Vec::new()).await.unwrap_err();
         assert!(matches!(err, SinkError::Unavailable(_)), "{err}");
         q.shutdown().await.unwrap();
     }

@@ -22,6 +22,7 @@ use arrow::array::RecordBatch;
 use loupe_core::TenantId;
 use loupe_core::config::DataPlaneConfig;
 use loupe_core::sampling::{Decision, SamplingPolicy};
+use loupe_core::score::ScoreRecord;
 use loupe_core::span::{SpanRecord, group_by_trace, spans_to_batch};
 
 use crate::metrics::WriterMetrics;
@@ -116,17 +117,26 @@ struct KeptBuffer {
     since: Option<Instant>,
     /// Blocks written from this buffer.
     blocks_written: u64,
+    /// Scores not yet in a block (never sampled), with the offset of each.
+    scores: Vec<(u64, ScoreRecord)>,
 }
 
 impl KeptBuffer {
     fn bytes(&self) -> usize {
-        self.sealed.iter().map(|c| c.bytes).sum::<usize>() + self.open_bytes
+        self.sealed.iter().map(|c| c.bytes).sum::<usize>()
+            + self.open_bytes
+            + self
+                .scores
+                .iter()
+                .map(|(_, s)| s.approx_bytes())
+                .sum::<usize>()
     }
 
     fn min_offset(&self) -> Option<u64> {
         let sealed = self.sealed.iter().map(|c| c.min_offset).min();
         let open = (!self.open.is_empty()).then_some(self.open_min);
-        sealed.into_iter().chain(open).min()
+        let scores = self.scores.iter().map(|(o, _)| *o).min();
+        sealed.into_iter().chain(open).chain(scores).min()
     }
 
     fn add(&mut self, spans: Vec<SpanRecord>, min_offset: u64, max_offset: u64, now: Instant) {
@@ -180,6 +190,8 @@ pub struct BlockJob {
     /// Blocks of this tenant this writer wrote before: two blocks that share an
     /// offset range, content and seen count still get different ids.
     pub seq: u64,
+    /// Scores written with the block (into its `.scores.parquet`).
+    pub scores: Vec<ScoreRecord>,
     chunks: usize,
 }
 
@@ -203,6 +215,7 @@ impl BlockJob {
             spans,
             seen_spans,
             seq,
+            scores: Vec::new(),
         }
     }
 }
@@ -449,6 +462,39 @@ impl PartitionWriter {
         buf.sealed.iter().map(|c| c.batch.clone()).collect()
     }
 
+    /// Takes the scores of the log record at `offset`. Scores are not sampled: they
+    /// are buffered at once and go into the tenant's next block.
+    pub fn push_scores(
+        &mut self,
+        offset: u64,
+        tenant: &TenantId,
+        scores: Vec<ScoreRecord>,
+        now: Instant,
+    ) {
+        self.skip(offset);
+        if scores.is_empty() {
+            return;
+        }
+        let buf = self.kept.entry(tenant.clone()).or_default();
+        buf.scores.extend(scores.into_iter().map(|s| (offset, s)));
+        buf.since.get_or_insert(now);
+    }
+
+    /// The buffered scores of a tenant, as one Arrow batch (empty when none).
+    pub fn kept_scores(&self, tenant: &TenantId) -> Vec<RecordBatch> {
+        let Some(buf) = self.kept.get(tenant).filter(|b| !b.scores.is_empty()) else {
+            return Vec::new();
+        };
+        let scores: Vec<ScoreRecord> = buf.scores.iter().map(|(_, s)| s.clone()).collect();
+        match loupe_core::score::scores_to_batch(&scores) {
+            Ok(b) => vec![b],
+            Err(e) => {
+                tracing::error!(error = %e, "converting buffered scores failed");
+                Vec::new()
+            }
+        }
+    }
+
     /// Spans decided for a tenant (kept or dropped) since its last block: what the
     /// kept spans of [`PartitionWriter::kept_batches`] stand for.
     pub fn seen_spans(&self, tenant: &TenantId) -> u64 {
@@ -469,10 +515,13 @@ impl PartitionWriter {
                 continue;
             }
             buf.seal()?;
-            let (first, last) = buf.sealed.iter().fold((u64::MAX, 0), |(f, l), c| {
-                (f.min(c.min_offset), l.max(c.max_offset))
-            });
-            let (first, last) = if buf.sealed.is_empty() {
+            let (first, last) = buf
+                .sealed
+                .iter()
+                .map(|c| (c.min_offset, c.max_offset))
+                .chain(buf.scores.iter().map(|(o, _)| (*o, *o)))
+                .fold((u64::MAX, 0), |(f, l), (min, max)| (f.min(min), l.max(max)));
+            let (first, last) = if first == u64::MAX {
                 // Only dropped traces: an empty block records what was seen.
                 let next = self.next_offset.unwrap_or(0);
                 (next.saturating_sub(1), next.saturating_sub(1))
@@ -487,6 +536,7 @@ impl PartitionWriter {
                 spans: buf.sealed.iter().map(|c| c.batch.num_rows() as u64).sum(),
                 seen_spans: buf.seen_spans,
                 seq: buf.blocks_written,
+                scores: buf.scores.iter().map(|(_, s)| s.clone()).collect(),
                 chunks: buf.sealed.len(),
             });
         }
@@ -499,11 +549,16 @@ impl PartitionWriter {
             return;
         };
         buf.sealed.drain(..job.chunks.min(buf.sealed.len()));
+        buf.scores.drain(..job.scores.len().min(buf.scores.len()));
         buf.seen_spans = buf.seen_spans.saturating_sub(job.seen_spans);
         buf.blocks_written += 1;
         // The buffer stays (its block count names later blocks); it is due again at
         // once if spans were kept or counted while the block was written.
-        if buf.sealed.is_empty() && buf.open.is_empty() && buf.seen_spans == 0 {
+        if buf.sealed.is_empty()
+            && buf.open.is_empty()
+            && buf.scores.is_empty()
+            && buf.seen_spans == 0
+        {
             buf.since = None;
         }
     }
@@ -526,7 +581,7 @@ impl PartitionWriter {
             && self
                 .kept
                 .values()
-                .all(|b| b.sealed.is_empty() && b.open.is_empty())
+                .all(|b| b.sealed.is_empty() && b.open.is_empty() && b.scores.is_empty())
     }
 }
 
@@ -735,6 +790,43 @@ mod tests {
         );
         assert_eq!(w.metrics.late_spans.get(), 1);
         assert_eq!(rows(&mut w, &t), 0);
+    }
+
+    #[test]
+    fn scores_skip_sampling_and_hold_the_commit_point_until_written() {
+        let mut w = writer(10);
+        // A tenant that drops everything still keeps its scores.
+        let t = tenant("ns/sampled");
+        let t0 = Instant::now();
+        let score = |id: &str| ScoreRecord {
+            score_id: id.into(),
+            trace_id: vec![7; 16],
+            name: "faithfulness".into(),
+            value: Some(0.5),
+            ..Default::default()
+        };
+        w.push_scores(3, &t, vec![score("a"), score("b")], t0);
+        assert_eq!(w.safe_offset(), Some(3), "scores not in a block yet");
+        assert_eq!(
+            w.kept_scores(&t)[0].num_rows(),
+            2,
+            "visible before the block"
+        );
+        let jobs = w.due_blocks(t0, true).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(
+            (jobs[0].first, jobs[0].last, jobs[0].scores.len()),
+            (3, 3, 2)
+        );
+        // A score arriving while the block is written waits for the next one.
+        w.push_scores(4, &t, vec![score("c")], t0);
+        w.written(&jobs[0]);
+        assert_eq!(w.safe_offset(), Some(4));
+        let jobs = w.due_blocks(t0, true).unwrap();
+        assert_eq!(jobs[0].scores[0].score_id, "c");
+        w.written(&jobs[0]);
+        assert_eq!(w.safe_offset(), Some(5));
+        assert!(w.is_empty());
     }
 
     #[test]

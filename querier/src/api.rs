@@ -62,6 +62,8 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/metrics", get(llm_metrics))
         .route("/api/v1/compare", get(compare))
+        .route("/api/v1/scores", get(list_scores))
+        .route("/api/v1/scores/metrics", get(score_metrics))
         .with_state(Arc::new(ApiState {
             engine,
             auth,
@@ -220,6 +222,81 @@ async fn compare(
     Ok(axum::Json(comparison).into_response())
 }
 
+async fn list_scores(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    const ACCEPTED: [&str; 7] = [
+        "start", "end", "since", "trace_id", "name", "source", "limit",
+    ];
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    check_params(&params, &ACCEPTED)?;
+    let (start_ns, end_ns) = parse_range(&params, now_ns())?;
+    let get = |k: &str| params.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let query = crate::scores::ScoreQuery {
+        start_ns,
+        end_ns,
+        trace_id: get("trace_id")
+            .map(|v| parse_trace_id(v).map_err(|e| bad(format!("trace_id: {e}"))))
+            .transpose()?,
+        name: get("name").map(str::to_owned),
+        source: get("source").map(str::to_owned),
+        limit: parse_limit(get("limit"), 100)?,
+    };
+    let result = state.engine.scores(&tenant, &query).await;
+    state.observe("scores", result.is_ok(), started);
+    Ok(axum::Json(serde_json::json!({ "scores": result? })).into_response())
+}
+
+async fn score_metrics(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    const ACCEPTED: [&str; 5] = ["start", "end", "since", "step", "name"];
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    check_params(&params, &ACCEPTED)?;
+    let (start_ns, end_ns) = parse_range(&params, now_ns())?;
+    let step_ns =
+        crate::stats::parse_step(params.get("step").map(String::as_str), (start_ns, end_ns))
+            .map_err(bad)?;
+    let name = params
+        .get("name")
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty());
+    let result = state
+        .engine
+        .score_metrics(&tenant, (start_ns, end_ns, step_ns), name)
+        .await;
+    state.observe("score_metrics", result.is_ok(), started);
+    Ok(axum::Json(result?).into_response())
+}
+
+/// Refuses parameters a route does not take, naming the accepted ones.
+fn check_params(params: &HashMap<String, String>, accepted: &[&str]) -> Result<(), ApiError> {
+    match params.keys().find(|k| !accepted.contains(&k.as_str())) {
+        Some(k) => Err(bad(format!(
+            "unknown parameter {k:?}; accepted: {}",
+            accepted.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Parses a `limit` of 1..=[`MAX_LIMIT`].
+fn parse_limit(v: Option<&str>, default: usize) -> Result<usize, ApiError> {
+    match v {
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(bad(format!("limit must be 1..={MAX_LIMIT}, got {v:?}"))),
+        },
+        None => Ok(default),
+    }
+}
+
 async fn llm_metrics(
     State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
@@ -239,7 +316,8 @@ fn now_ns() -> i64 {
 }
 
 /// Parameters a search accepts.
-pub const SEARCH_PARAMS: [&str; 16] = [
+pub const SEARCH_PARAMS: [&str; 17] = [
+    "score",
     "start",
     "end",
     "since",
@@ -260,14 +338,7 @@ pub const SEARCH_PARAMS: [&str; 16] = [
 
 /// Parses search parameters; unknown names and bad values are errors naming them.
 pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQuery, ApiError> {
-    for k in p.keys() {
-        if !SEARCH_PARAMS.contains(&k.as_str()) {
-            return Err(bad(format!(
-                "unknown parameter {k:?}; accepted: {}",
-                SEARCH_PARAMS.join(", ")
-            )));
-        }
-    }
+    check_params(p, &SEARCH_PARAMS)?;
     let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let text = |k: &str| get(k).map(str::to_owned);
     let (start_ns, end_ns) = parse_range(p, now_ns)?;
@@ -280,13 +351,7 @@ pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQu
             })
             .transpose()
     };
-    let limit = match get("limit") {
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => return Err(bad(format!("limit must be 1..={MAX_LIMIT}, got {v:?}"))),
-        },
-        None => DEFAULT_LIMIT,
-    };
+    let limit = parse_limit(get("limit"), DEFAULT_LIMIT)?;
     let llm_kind = get("llm_kind")
         .map(|v| {
             LlmKind::parse(v).ok_or_else(|| {
@@ -327,6 +392,10 @@ pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQu
         session_id: text("session_id"),
         prompt_name: text("prompt_name"),
         prompt_version: text("prompt_version"),
+        scores: match get("score") {
+            Some(v) => crate::scores::parse_score_filters(v).map_err(bad)?,
+            None => Vec::new(),
+        },
         limit,
     })
 }

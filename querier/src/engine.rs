@@ -77,6 +77,8 @@ pub struct SearchQuery {
     pub session_id: Option<String>,
     pub prompt_name: Option<String>,
     pub prompt_version: Option<String>,
+    /// Traces with scores matching every filter.
+    pub scores: Vec<crate::scores::ScoreFilter>,
     pub limit: usize,
 }
 
@@ -94,6 +96,51 @@ pub(crate) struct WeightedSpans {
     pub sql: String,
     pub sampling: SamplingInfo,
 }
+
+/// Registers the `scores` view: the score files of every block that has scores (a
+/// score is about any trace, so no block is left out by time) and the unflushed ones.
+fn register_scores(
+    ctx: &SessionContext,
+    blocks: &[loupe_core::storage::BlockMeta],
+    head: Vec<RecordBatch>,
+) -> Result<(), QueryError> {
+    let schema = loupe_core::score::score_schema();
+    let urls = blocks
+        .iter()
+        .filter(|b| b.scores > 0)
+        .map(|b| ListingTableUrl::parse(format!("{STORE_URL}{}", b.scores_path())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let stored: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
+        Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
+    } else {
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let config = ListingTableConfig::new_with_multi_paths(urls)
+            .with_listing_options(options)
+            .with_schema(schema.clone());
+        Arc::new(ListingTable::try_new(config)?)
+    };
+    ctx.register_table("score_blocks", stored)?;
+    ctx.register_table(
+        "score_head",
+        Arc::new(MemTable::try_new(schema, vec![head])?),
+    )?;
+    Ok(())
+}
+
+/// Every score of the tenant, each id once: a replay may have stored a score twice,
+/// and a score sent again with its id replaces it (the latest `created_ns` wins).
+pub(crate) const SCORES: &str = "(SELECT score_id, \
+    last_value(trace_id ORDER BY created_ns) AS trace_id, \
+    last_value(span_id ORDER BY created_ns) AS span_id, \
+    last_value(name ORDER BY created_ns) AS name, \
+    last_value(data_type ORDER BY created_ns) AS data_type, \
+    last_value(value ORDER BY created_ns) AS value, \
+    last_value(label ORDER BY created_ns) AS label, \
+    last_value(source ORDER BY created_ns) AS source, \
+    last_value(comment ORDER BY created_ns) AS comment, \
+    max(created_ns) AS created_ns \
+    FROM (SELECT * FROM score_blocks UNION ALL SELECT * FROM score_head) GROUP BY score_id)";
 
 /// A weight rounded to four significant digits.
 fn round_weight(w: f64) -> f64 {
@@ -169,6 +216,15 @@ impl QueryEngine {
             "head",
             Arc::new(MemTable::try_new(schema, vec![snapshot.head])?),
         )?;
+        register_scores(&ctx, &snapshot.blocks, snapshot.head_scores)?;
+        Ok(ctx)
+    }
+
+    /// A session holding only the tenant's `scores`.
+    pub(crate) fn score_session(&self, tenant: &TenantId) -> Result<SessionContext, QueryError> {
+        let snapshot = self.source.snapshot(tenant);
+        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        register_scores(&ctx, &snapshot.blocks, snapshot.head_scores)?;
         Ok(ctx)
     }
 
@@ -273,7 +329,14 @@ impl QueryEngine {
             .collect()
             .await?;
         let spans = rows_to_spans(&batches)?;
-        Ok((!spans.is_empty()).then(|| build_trace(hex(&trace_id), spans)))
+        if spans.is_empty() {
+            return Ok(None);
+        }
+        let mut view = build_trace(hex(&trace_id), spans);
+        // Scores of a trace may be in any block: they are looked up in all of them.
+        let scores = self.score_session(tenant)?;
+        view.scores = self.trace_scores(&scores, trace_id).await?;
+        Ok(Some(view))
     }
 
     /// Trace summaries matching the query, newest first (ties by trace id).
@@ -429,6 +492,9 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
         ));
     }
     let limit = p(ScalarValue::Int64(Some(q.limit as i64)));
+    if !q.scores.is_empty() {
+        trace_conds.push(crate::scores::score_filter_sql(&q.scores, &mut params));
+    }
 
     let sql = format!(
         "WITH spans AS (\
@@ -464,7 +530,7 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
     (sql, params)
 }
 
-fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, QueryError> {
+pub(crate) fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, QueryError> {
     b.column_by_name(name)
         .ok_or_else(|| QueryError::Internal(format!("result has no column {name}")))
 }
@@ -683,6 +749,7 @@ pub fn build_trace(trace_id: String, spans: Vec<SpanNode>) -> TraceView {
         trace_id,
         summary: totals,
         roots,
+        scores: Vec::new(),
     }
 }
 

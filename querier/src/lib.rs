@@ -7,6 +7,7 @@ pub mod engine;
 pub mod index;
 pub mod model;
 pub mod prune;
+pub mod scores;
 pub mod stats;
 
 pub use api::QueryMetrics;

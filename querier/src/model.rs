@@ -73,6 +73,9 @@ pub struct TraceView {
     pub summary: TraceTotals,
     /// Root spans (normally one; spans whose parent never arrived are roots too).
     pub roots: Vec<SpanNode>,
+    /// Scores of the trace and of its spans, oldest first.
+    #[serde(default)]
+    pub scores: Vec<crate::scores::ScoreView>,
 }
 
 /// Totals of a trace, shared by the trace view and search results.

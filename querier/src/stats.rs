@@ -261,25 +261,7 @@ pub fn parse_metrics(
         }
     }
     let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
-    let span_ns = end_ns.saturating_sub(start_ns);
-    let step_ns = match get("step") {
-        Some(v) => {
-            let d = crate::api::parse_duration(v, None).map_err(|e| format!("step: {e}"))?;
-            i64::try_from(d.as_nanos()).map_err(|_| format!("step {v:?} is too long"))?
-        }
-        // About 60 points over the range, at least a second.
-        None => (span_ns / 60).max(1_000_000_000),
-    };
-    if step_ns < 1_000_000_000 {
-        return Err("step must be at least 1s".into());
-    }
-    if span_ns / step_ns > MAX_BUCKETS {
-        return Err(format!(
-            "{} buckets of {} over the range; at most {MAX_BUCKETS}: use a larger step",
-            span_ns / step_ns,
-            humantime_secs(step_ns)
-        ));
-    }
+    let step_ns = parse_step(get("step"), (start_ns, end_ns))?;
     let mut group_by = Vec::new();
     if let Some(v) = get("group_by") {
         for name in v.split(',').filter(|s| !s.trim().is_empty()) {
@@ -381,6 +363,30 @@ pub fn parse_metrics(
         feature_attribute,
         max_groups,
     })
+}
+
+/// Parses a bucket size (`1h`, `1d`); by default about 60 buckets over the range, at
+/// least a second. At most [`MAX_BUCKETS`] buckets.
+pub fn parse_step(v: Option<&str>, (start_ns, end_ns): (i64, i64)) -> Result<i64, String> {
+    let span_ns = end_ns.saturating_sub(start_ns);
+    let step_ns = match v.map(str::trim).filter(|v| !v.is_empty()) {
+        Some(v) => {
+            let d = crate::api::parse_duration(v, None).map_err(|e| format!("step: {e}"))?;
+            i64::try_from(d.as_nanos()).map_err(|_| format!("step {v:?} is too long"))?
+        }
+        None => (span_ns / 60).max(1_000_000_000),
+    };
+    if step_ns < 1_000_000_000 {
+        return Err("step must be at least 1s".into());
+    }
+    if span_ns / step_ns > MAX_BUCKETS {
+        return Err(format!(
+            "{} buckets of {} over the range; at most {MAX_BUCKETS}: use a larger step",
+            span_ns / step_ns,
+            humantime_secs(step_ns)
+        ));
+    }
+    Ok(step_ns)
 }
 
 fn humantime_secs(ns: i64) -> String {

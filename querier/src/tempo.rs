@@ -70,11 +70,19 @@
 //!   OK); `status = error` selects traces with a span in error, as in Tempo.
 //! * Search results carry no span sets (`spss` is accepted and has no effect).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
+use base64::Engine as _;
 use loupe_core::LlmKind;
-use loupe_core::span::{SPAN_KIND_NAMES, col};
+use loupe_core::span::col;
+use opentelemetry_proto::tonic::common::v1::{
+    AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{
+    ResourceSpans, ScopeSpans, Span, Status, TracesData, span, status,
+};
+use prost::Message;
 use serde_json::{Map, Value, json};
 
 use crate::api::{DEFAULT_LIMIT, DEFAULT_LOOKBACK, MAX_LIMIT, parse_duration, parse_time};
@@ -155,27 +163,6 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     b.chunks_exact(2)
         .map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?))
         .collect()
-}
-
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding, as protobuf JSON encodes `bytes` fields.
-fn base64(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(BASE64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -981,75 +968,8 @@ pub fn search_json(resp: &SearchResponse) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------
-// Traces: the OTLP model shared by the JSON and protobuf writers
+// Traces: OTLP messages (opentelemetry-proto), shared by the JSON and protobuf writers
 // ---------------------------------------------------------------------------------------
-
-/// An attribute, borrowed from the span's JSON or made by Loupe.
-struct Kv<'a> {
-    key: &'a str,
-    value: Cow<'a, Value>,
-}
-
-/// `ResourceSpans`.
-struct ResourceSpans<'a> {
-    attributes: Vec<Kv<'a>>,
-    dropped: u32,
-    schema_url: &'a str,
-    scopes: Vec<ScopeSpans<'a>>,
-}
-
-/// `ScopeSpans`, with its `InstrumentationScope`.
-struct ScopeSpans<'a> {
-    name: &'a str,
-    version: &'a str,
-    attributes: Vec<Kv<'a>>,
-    dropped: u32,
-    schema_url: &'a str,
-    spans: Vec<Span<'a>>,
-}
-
-/// `Span`.
-struct Span<'a> {
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent_span_id: Vec<u8>,
-    trace_state: &'a str,
-    flags: u32,
-    name: &'a str,
-    /// Index into [`SPAN_KIND_NAMES`] (the OTLP enum value).
-    kind: usize,
-    start: u64,
-    end: u64,
-    attributes: Vec<Kv<'a>>,
-    dropped_attributes: u32,
-    events: Vec<Event<'a>>,
-    dropped_events: u32,
-    links: Vec<Link<'a>>,
-    dropped_links: u32,
-    /// 0 unset, 1 ok, 2 error.
-    status_code: usize,
-    status_message: &'a str,
-}
-
-/// `Span.Event`.
-struct Event<'a> {
-    time: u64,
-    name: &'a str,
-    attributes: Vec<Kv<'a>>,
-    dropped: u32,
-}
-
-/// `Span.Link`.
-struct Link<'a> {
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    trace_state: &'a str,
-    attributes: Vec<Kv<'a>>,
-    dropped: u32,
-    flags: u32,
-}
-
-const STATUS_CODE_NAMES: [&str; 3] = ["STATUS_CODE_UNSET", "STATUS_CODE_OK", "STATUS_CODE_ERROR"];
 
 fn str_of<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
     obj.get(key).and_then(Value::as_str)
@@ -1061,18 +981,56 @@ fn u32_of(obj: &Value, key: &str) -> Option<u32> {
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
 }
 
+/// A JSON value as an OTLP `AnyValue`: integers become `int_value`, other numbers
+/// `double_value`, arrays `array_value`, objects `kvlist_value`, null an empty
+/// `AnyValue`.
+fn to_any_value(v: &Value) -> AnyValue {
+    let value = match v {
+        Value::Null => None,
+        Value::Bool(b) => Some(any_value::Value::BoolValue(*b)),
+        Value::Number(n) => n
+            .as_i64()
+            .map(any_value::Value::IntValue)
+            .or_else(|| n.as_f64().map(any_value::Value::DoubleValue)),
+        Value::String(s) => Some(any_value::Value::StringValue(s.clone())),
+        Value::Array(items) => Some(any_value::Value::ArrayValue(ArrayValue {
+            values: items.iter().map(to_any_value).collect(),
+        })),
+        Value::Object(members) => Some(any_value::Value::KvlistValue(KeyValueList {
+            values: members.iter().map(|(k, v)| to_key_value(k, v)).collect(),
+        })),
+    };
+    AnyValue { value }
+}
+
+fn to_key_value(key: &str, value: &Value) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(to_any_value(value)),
+        ..KeyValue::default()
+    }
+}
+
 /// The members of a JSON object as attributes, leaving out `skip`.
-fn key_values<'a>(obj: &'a Value, skip: &[&str]) -> Vec<Kv<'a>> {
+fn key_values(obj: &Value, skip: &[&str]) -> Vec<KeyValue> {
     obj.as_object().map_or_else(Vec::new, |m| {
         m.iter()
             .filter(|(k, _)| !skip.contains(&k.as_str()))
-            .map(|(k, v)| Kv {
-                key: k.as_str(),
-                value: Cow::Borrowed(v),
-            })
+            .map(|(k, v)| to_key_value(k, v))
             .collect()
     })
 }
+
+/// The attributes of a scope, event or link (its `attributes` object).
+fn nested_key_values(obj: &Value) -> Vec<KeyValue> {
+    obj.get("attributes")
+        .map_or_else(Vec::new, |a| key_values(a, &[]))
+}
+
+/// Resource fields `normalize` keeps as `otel.*` attributes; they go back into their
+/// fields.
+const RESOURCE_DROPPED: &str = "otel.dropped_attributes_count";
+const RESOURCE_SCHEMA_URL: &str = "otel.schema_url";
 
 /// Span fields `normalize` keeps as `otel.*` attributes; they go back into their fields
 /// when they have the field's type.
@@ -1106,7 +1064,45 @@ fn loupe_attributes(s: &SpanNode) -> Vec<(&'static str, Value)> {
     out
 }
 
-fn span<'a>(s: &'a SpanNode, trace_id: &[u8]) -> Span<'a> {
+/// The OTLP `ResourceSpans` (without spans) for the resource of `s`.
+fn otlp_resource(s: &SpanNode) -> ResourceSpans {
+    let mut attributes = key_values(&s.resource, &[RESOURCE_DROPPED, RESOURCE_SCHEMA_URL]);
+    if s.resource.get("service.name").is_none() {
+        attributes.push(to_key_value(
+            "service.name",
+            &Value::from(s.service_name.as_str()),
+        ));
+    }
+    ResourceSpans {
+        resource: Some(Resource {
+            attributes,
+            dropped_attributes_count: u32_of(&s.resource, RESOURCE_DROPPED).unwrap_or(0),
+            ..Resource::default()
+        }),
+        scope_spans: Vec::new(),
+        schema_url: str_of(&s.resource, RESOURCE_SCHEMA_URL)
+            .unwrap_or_default()
+            .to_owned(),
+    }
+}
+
+/// The OTLP `ScopeSpans` (without spans) for a span's `scope` object.
+fn otlp_scope(scope: &Value) -> ScopeSpans {
+    ScopeSpans {
+        scope: Some(InstrumentationScope {
+            name: str_of(scope, "name").unwrap_or_default().to_owned(),
+            version: str_of(scope, "version").unwrap_or_default().to_owned(),
+            attributes: nested_key_values(scope),
+            dropped_attributes_count: u32_of(scope, "dropped_attributes_count").unwrap_or(0),
+        }),
+        spans: Vec::new(),
+        schema_url: str_of(scope, "schema_url").unwrap_or_default().to_owned(),
+    }
+}
+
+/// The OTLP `Span` of a Loupe span: `otel.*` attributes go back into their fields,
+/// Loupe's derived values ([`loupe_attributes`]) are added unless the span has them.
+fn otlp_span(s: &SpanNode, trace_id: &[u8]) -> Span {
     let attrs = &s.attributes;
     let mut lifted: Vec<&str> = Vec::new();
     let trace_state = str_of(attrs, SPAN_TRACE_STATE);
@@ -1128,10 +1124,7 @@ fn span<'a>(s: &'a SpanNode, trace_id: &[u8]) -> Span<'a> {
         loupe_attributes(s)
             .into_iter()
             .filter(|(k, _)| attrs.get(*k).is_none())
-            .map(|(key, v)| Kv {
-                key,
-                value: Cow::Owned(v),
-            }),
+            .map(|(k, v)| to_key_value(k, &v)),
     );
     let events = s
         .events
@@ -1139,13 +1132,11 @@ fn span<'a>(s: &'a SpanNode, trace_id: &[u8]) -> Span<'a> {
         .into_iter()
         .flatten()
         .filter(|e| e.is_object())
-        .map(|e| Event {
-            time: e.get("time_ns").and_then(Value::as_u64).unwrap_or(0),
-            name: str_of(e, "name").unwrap_or(""),
-            attributes: e
-                .get("attributes")
-                .map_or_else(Vec::new, |a| key_values(a, &[])),
-            dropped: u32_of(e, "dropped_attributes_count").unwrap_or(0),
+        .map(|e| span::Event {
+            time_unix_nano: e.get("time_ns").and_then(Value::as_u64).unwrap_or(0),
+            name: str_of(e, "name").unwrap_or_default().to_owned(),
+            attributes: nested_key_values(e),
+            dropped_attributes_count: u32_of(e, "dropped_attributes_count").unwrap_or(0),
         })
         .collect();
     let links = s
@@ -1154,54 +1145,57 @@ fn span<'a>(s: &'a SpanNode, trace_id: &[u8]) -> Span<'a> {
         .into_iter()
         .flatten()
         .filter(|l| l.is_object())
-        .map(|l| Link {
+        .map(|l| span::Link {
             trace_id: str_of(l, "trace_id").and_then(unhex).unwrap_or_default(),
             span_id: str_of(l, "span_id").and_then(unhex).unwrap_or_default(),
-            trace_state: str_of(l, "trace_state").unwrap_or(""),
-            attributes: l
-                .get("attributes")
-                .map_or_else(Vec::new, |a| key_values(a, &[])),
-            dropped: u32_of(l, "dropped_attributes_count").unwrap_or(0),
+            trace_state: str_of(l, "trace_state").unwrap_or_default().to_owned(),
+            attributes: nested_key_values(l),
+            dropped_attributes_count: u32_of(l, "dropped_attributes_count").unwrap_or(0),
             flags: u32_of(l, "flags").unwrap_or(0),
         })
         .collect();
+    let kind = span::SpanKind::from_str_name(&format!("SPAN_KIND_{}", s.span_kind))
+        .unwrap_or(span::SpanKind::Unspecified);
+    let code = match s.status.as_str() {
+        "OK" => status::StatusCode::Ok,
+        "ERROR" => status::StatusCode::Error,
+        _ => status::StatusCode::Unset,
+    };
     Span {
         trace_id: trace_id.to_vec(),
         span_id: unhex(&s.span_id).unwrap_or_default(),
+        trace_state: trace_state.unwrap_or_default().to_owned(),
         parent_span_id: s
             .parent_span_id
             .as_deref()
             .and_then(unhex)
             .unwrap_or_default(),
-        trace_state: trace_state.unwrap_or(""),
         flags,
-        name: &s.name,
-        kind: SPAN_KIND_NAMES
-            .iter()
-            .position(|k| *k == s.span_kind)
-            .unwrap_or(0),
-        start: u64::try_from(s.start_ns).unwrap_or(0),
-        end: u64::try_from(s.end_ns).unwrap_or(0),
+        name: s.name.clone(),
+        kind: kind as i32,
+        start_time_unix_nano: u64::try_from(s.start_ns).unwrap_or(0),
+        end_time_unix_nano: u64::try_from(s.end_ns).unwrap_or(0),
         attributes,
-        dropped_attributes,
+        dropped_attributes_count: dropped_attributes,
         events,
-        dropped_events,
+        dropped_events_count: dropped_events,
         links,
-        dropped_links,
-        status_code: match s.status.as_str() {
-            "OK" => 1,
-            "ERROR" => 2,
-            _ => 0,
-        },
-        status_message: s.status_message.as_deref().unwrap_or(""),
+        dropped_links_count: dropped_links,
+        status: Some(Status {
+            message: s.status_message.clone().unwrap_or_default(),
+            code: code as i32,
+        }),
     }
 }
 
-/// The spans of a trace (all of them: the tree is flattened, parents before children)
-/// grouped into resource spans by resource (and service), then by scope.
-fn resource_spans(view: &TraceView) -> Vec<ResourceSpans<'_>> {
+/// The spans of a trace as OTLP resource spans: all of them (the tree is flattened,
+/// parents before children), grouped by resource (and service), then by scope, in the
+/// order they are first met. Attribute values keep their JSON types (integer, double,
+/// bool, string, array, map); span fields `normalize` kept as `otel.*` attributes go
+/// back into their fields, and Loupe's derived values are added as `loupe.*` attributes.
+pub fn resource_spans(view: &TraceView) -> Vec<ResourceSpans> {
     let trace_id = unhex(&view.trace_id).unwrap_or_default();
-    let mut out: Vec<ResourceSpans<'_>> = Vec::new();
+    let mut out: Vec<ResourceSpans> = Vec::new();
     let mut by_resource: HashMap<(String, &str), usize> = HashMap::new();
     let mut by_scope: HashMap<(usize, String), usize> = HashMap::new();
     // Depth-first with an explicit stack: parent links come from clients, and a deep
@@ -1211,53 +1205,65 @@ fn resource_spans(view: &TraceView) -> Vec<ResourceSpans<'_>> {
         stack.extend(s.children.iter().rev());
         let key = (s.resource.to_string(), s.service_name.as_str());
         let r = *by_resource.entry(key).or_insert_with(|| {
-            let mut attributes = key_values(
-                &s.resource,
-                &["otel.dropped_attributes_count", "otel.schema_url"],
-            );
-            if s.resource.get("service.name").is_none() {
-                attributes.push(Kv {
-                    key: "service.name",
-                    value: Cow::Owned(Value::from(s.service_name.as_str())),
-                });
-            }
-            out.push(ResourceSpans {
-                attributes,
-                dropped: u32_of(&s.resource, "otel.dropped_attributes_count").unwrap_or(0),
-                schema_url: str_of(&s.resource, "otel.schema_url").unwrap_or(""),
-                scopes: Vec::new(),
-            });
+            out.push(otlp_resource(s));
             out.len() - 1
         });
-        let scopes = &mut out[r].scopes;
+        let scopes = &mut out[r].scope_spans;
         let g = *by_scope.entry((r, s.scope.to_string())).or_insert_with(|| {
-            scopes.push(ScopeSpans {
-                name: str_of(&s.scope, "name").unwrap_or(""),
-                version: str_of(&s.scope, "version").unwrap_or(""),
-                attributes: s
-                    .scope
-                    .get("attributes")
-                    .map_or_else(Vec::new, |a| key_values(a, &[])),
-                dropped: u32_of(&s.scope, "dropped_attributes_count").unwrap_or(0),
-                schema_url: str_of(&s.scope, "schema_url").unwrap_or(""),
-                spans: Vec::new(),
-            });
+            scopes.push(otlp_scope(&s.scope));
             scopes.len() - 1
         });
-        scopes[g].spans.push(span(s, &trace_id));
+        scopes[g].spans.push(otlp_span(s, &trace_id));
     }
     out
 }
 
 // ---------------------------------------------------------------------------------------
+// Traces as protobuf
+// ---------------------------------------------------------------------------------------
+
+/// `tempopb.TraceByIDResponse`, as far as Loupe writes it: `trace` (1), a
+/// `tempopb.Trace`, which is wire-identical to OTLP `TracesData` (`batches` /
+/// `resource_spans` = 1). `metrics` (2) is optional and left out; `status` (3) is left
+/// at its default, COMPLETE.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TraceByIdResponse {
+    #[prost(message, optional, tag = "1")]
+    trace: Option<TracesData>,
+}
+
+/// The body of `GET /api/traces/<id>` as protobuf (`tempopb.Trace`), which Grafana asks
+/// for with `Accept: application/protobuf`.
+pub fn trace_protobuf(view: &TraceView) -> Vec<u8> {
+    TracesData {
+        resource_spans: resource_spans(view),
+    }
+    .encode_to_vec()
+}
+
+/// The body of `GET /api/v2/traces/<id>` as protobuf (`tempopb.TraceByIDResponse`).
+pub fn trace_v2_protobuf(view: &TraceView) -> Vec<u8> {
+    TraceByIdResponse {
+        trace: Some(TracesData {
+            resource_spans: resource_spans(view),
+        }),
+    }
+    .encode_to_vec()
+}
+
+// ---------------------------------------------------------------------------------------
 // Traces as JSON
 // ---------------------------------------------------------------------------------------
+//
+// Written by hand from the OTLP messages because Tempo prints gogo `jsonpb` (ids in
+// base64, enums by name), while opentelemetry-proto's serde follows OTLP/JSON (ids in
+// hex, enums as integers).
 
 /// The body of `GET /api/traces/<id>` as JSON: `{"batches": [ResourceSpans...]}` in
 /// OTLP/JSON as Tempo prints it (ids in base64, times as decimal strings of Unix
 /// nanoseconds, `kind` and `status.code` by enum name, attribute values as `AnyValue`).
 pub fn trace_json(view: &TraceView) -> Value {
-    json!({ "batches": resource_spans_json(view) })
+    json!({ "batches": resource_spans_json(&resource_spans(view)) })
 }
 
 /// The body of `GET /api/v2/traces/<id>` as JSON (`tempopb.TraceByIDResponse`):
@@ -1265,390 +1271,198 @@ pub fn trace_json(view: &TraceView) -> Value {
 /// Tempo leaves it out for a complete trace.
 pub fn trace_v2_json(view: &TraceView) -> Value {
     json!({
-        "trace": { "resourceSpans": resource_spans_json(view) },
+        "trace": { "resourceSpans": resource_spans_json(&resource_spans(view)) },
         "metrics": {},
     })
 }
 
-fn resource_spans_json(view: &TraceView) -> Vec<Value> {
-    resource_spans(view).iter().map(resource_json).collect()
+/// Standard base64 with padding, as protobuf JSON encodes `bytes` fields.
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 fn put(m: &mut Map<String, Value>, key: &str, value: impl Into<Value>) {
     m.insert(key.to_owned(), value.into());
 }
 
-fn resource_json(r: &ResourceSpans<'_>) -> Value {
-    let mut resource = Map::new();
-    put(&mut resource, "attributes", kvs_json(&r.attributes));
-    if r.dropped != 0 {
-        put(&mut resource, "droppedAttributesCount", r.dropped);
-    }
+fn resource_spans_json(resource_spans: &[ResourceSpans]) -> Vec<Value> {
+    resource_spans.iter().map(resource_json).collect()
+}
+
+fn resource_json(r: &ResourceSpans) -> Value {
     let mut m = Map::new();
-    put(&mut m, "resource", resource);
+    if let Some(res) = &r.resource {
+        let mut resource = Map::new();
+        put(
+            &mut resource,
+            "attributes",
+            key_values_json(&res.attributes),
+        );
+        if res.dropped_attributes_count != 0 {
+            put(
+                &mut resource,
+                "droppedAttributesCount",
+                res.dropped_attributes_count,
+            );
+        }
+        put(&mut m, "resource", resource);
+    }
     put(
         &mut m,
         "scopeSpans",
-        r.scopes.iter().map(scope_json).collect::<Vec<_>>(),
+        r.scope_spans.iter().map(scope_json).collect::<Vec<_>>(),
     );
     if !r.schema_url.is_empty() {
-        put(&mut m, "schemaUrl", r.schema_url);
+        put(&mut m, "schemaUrl", r.schema_url.as_str());
     }
     Value::Object(m)
 }
 
-fn scope_json(s: &ScopeSpans<'_>) -> Value {
-    let mut scope = Map::new();
-    if !s.name.is_empty() {
-        put(&mut scope, "name", s.name);
-    }
-    if !s.version.is_empty() {
-        put(&mut scope, "version", s.version);
-    }
-    if !s.attributes.is_empty() {
-        put(&mut scope, "attributes", kvs_json(&s.attributes));
-    }
-    if s.dropped != 0 {
-        put(&mut scope, "droppedAttributesCount", s.dropped);
-    }
+fn scope_json(s: &ScopeSpans) -> Value {
     let mut m = Map::new();
-    put(&mut m, "scope", scope);
+    if let Some(sc) = &s.scope {
+        let mut scope = Map::new();
+        if !sc.name.is_empty() {
+            put(&mut scope, "name", sc.name.as_str());
+        }
+        if !sc.version.is_empty() {
+            put(&mut scope, "version", sc.version.as_str());
+        }
+        if !sc.attributes.is_empty() {
+            put(&mut scope, "attributes", key_values_json(&sc.attributes));
+        }
+        if sc.dropped_attributes_count != 0 {
+            put(
+                &mut scope,
+                "droppedAttributesCount",
+                sc.dropped_attributes_count,
+            );
+        }
+        put(&mut m, "scope", scope);
+    }
     put(
         &mut m,
         "spans",
         s.spans.iter().map(span_json).collect::<Vec<_>>(),
     );
     if !s.schema_url.is_empty() {
-        put(&mut m, "schemaUrl", s.schema_url);
+        put(&mut m, "schemaUrl", s.schema_url.as_str());
     }
     Value::Object(m)
 }
 
-fn span_json(s: &Span<'_>) -> Value {
+fn span_json(s: &Span) -> Value {
     let mut m = Map::new();
-    put(&mut m, "traceId", base64(&s.trace_id));
-    put(&mut m, "spanId", base64(&s.span_id));
+    put(&mut m, "traceId", b64(&s.trace_id));
+    put(&mut m, "spanId", b64(&s.span_id));
     if !s.parent_span_id.is_empty() {
-        put(&mut m, "parentSpanId", base64(&s.parent_span_id));
+        put(&mut m, "parentSpanId", b64(&s.parent_span_id));
     }
     if !s.trace_state.is_empty() {
-        put(&mut m, "traceState", s.trace_state);
+        put(&mut m, "traceState", s.trace_state.as_str());
     }
     if s.flags != 0 {
         put(&mut m, "flags", s.flags);
     }
-    put(&mut m, "name", s.name);
+    put(&mut m, "name", s.name.as_str());
+    put(&mut m, "kind", s.kind().as_str_name());
     put(
         &mut m,
-        "kind",
-        format!(
-            "SPAN_KIND_{}",
-            SPAN_KIND_NAMES
-                .get(s.kind)
-                .copied()
-                .unwrap_or("UNSPECIFIED")
-        ),
+        "startTimeUnixNano",
+        s.start_time_unix_nano.to_string(),
     );
-    put(&mut m, "startTimeUnixNano", s.start.to_string());
-    put(&mut m, "endTimeUnixNano", s.end.to_string());
-    put(&mut m, "attributes", kvs_json(&s.attributes));
-    if s.dropped_attributes != 0 {
-        put(&mut m, "droppedAttributesCount", s.dropped_attributes);
+    put(&mut m, "endTimeUnixNano", s.end_time_unix_nano.to_string());
+    put(&mut m, "attributes", key_values_json(&s.attributes));
+    if s.dropped_attributes_count != 0 {
+        put(&mut m, "droppedAttributesCount", s.dropped_attributes_count);
     }
     if !s.events.is_empty() {
-        let events: Vec<Value> = s
-            .events
-            .iter()
-            .map(|e| {
-                let mut m = Map::new();
-                put(&mut m, "timeUnixNano", e.time.to_string());
-                put(&mut m, "name", e.name);
-                put(&mut m, "attributes", kvs_json(&e.attributes));
-                if e.dropped != 0 {
-                    put(&mut m, "droppedAttributesCount", e.dropped);
-                }
-                Value::Object(m)
-            })
-            .collect();
-        put(&mut m, "events", events);
+        put(
+            &mut m,
+            "events",
+            s.events.iter().map(event_json).collect::<Vec<_>>(),
+        );
     }
-    if s.dropped_events != 0 {
-        put(&mut m, "droppedEventsCount", s.dropped_events);
+    if s.dropped_events_count != 0 {
+        put(&mut m, "droppedEventsCount", s.dropped_events_count);
     }
     if !s.links.is_empty() {
-        let links: Vec<Value> = s
-            .links
-            .iter()
-            .map(|l| {
-                let mut m = Map::new();
-                put(&mut m, "traceId", base64(&l.trace_id));
-                put(&mut m, "spanId", base64(&l.span_id));
-                if !l.trace_state.is_empty() {
-                    put(&mut m, "traceState", l.trace_state);
-                }
-                put(&mut m, "attributes", kvs_json(&l.attributes));
-                if l.dropped != 0 {
-                    put(&mut m, "droppedAttributesCount", l.dropped);
-                }
-                if l.flags != 0 {
-                    put(&mut m, "flags", l.flags);
-                }
-                Value::Object(m)
-            })
-            .collect();
-        put(&mut m, "links", links);
+        put(
+            &mut m,
+            "links",
+            s.links.iter().map(link_json).collect::<Vec<_>>(),
+        );
     }
-    if s.dropped_links != 0 {
-        put(&mut m, "droppedLinksCount", s.dropped_links);
+    if s.dropped_links_count != 0 {
+        put(&mut m, "droppedLinksCount", s.dropped_links_count);
     }
-    let mut status = Map::new();
-    if !s.status_message.is_empty() {
-        put(&mut status, "message", s.status_message);
+    if let Some(st) = &s.status {
+        let mut status = Map::new();
+        if !st.message.is_empty() {
+            put(&mut status, "message", st.message.as_str());
+        }
+        put(&mut status, "code", st.code().as_str_name());
+        put(&mut m, "status", status);
     }
-    put(
-        &mut status,
-        "code",
-        STATUS_CODE_NAMES
-            .get(s.status_code)
-            .copied()
-            .unwrap_or("STATUS_CODE_UNSET"),
-    );
-    put(&mut m, "status", status);
     Value::Object(m)
 }
 
-fn kvs_json(kvs: &[Kv<'_>]) -> Value {
+fn event_json(e: &span::Event) -> Value {
+    let mut m = Map::new();
+    put(&mut m, "timeUnixNano", e.time_unix_nano.to_string());
+    put(&mut m, "name", e.name.as_str());
+    put(&mut m, "attributes", key_values_json(&e.attributes));
+    if e.dropped_attributes_count != 0 {
+        put(&mut m, "droppedAttributesCount", e.dropped_attributes_count);
+    }
+    Value::Object(m)
+}
+
+fn link_json(l: &span::Link) -> Value {
+    let mut m = Map::new();
+    put(&mut m, "traceId", b64(&l.trace_id));
+    put(&mut m, "spanId", b64(&l.span_id));
+    if !l.trace_state.is_empty() {
+        put(&mut m, "traceState", l.trace_state.as_str());
+    }
+    put(&mut m, "attributes", key_values_json(&l.attributes));
+    if l.dropped_attributes_count != 0 {
+        put(&mut m, "droppedAttributesCount", l.dropped_attributes_count);
+    }
+    if l.flags != 0 {
+        put(&mut m, "flags", l.flags);
+    }
+    Value::Object(m)
+}
+
+fn key_values_json(kvs: &[KeyValue]) -> Value {
     Value::Array(
         kvs.iter()
-            .map(|kv| json!({ "key": kv.key, "value": any_json(&kv.value) }))
+            .map(|kv| {
+                let value = kv.value.as_ref().map_or_else(|| json!({}), any_value_json);
+                json!({ "key": kv.key, "value": value })
+            })
             .collect(),
     )
 }
 
-/// A JSON value as an OTLP/JSON `AnyValue`: integers become `intValue` (a decimal
-/// string), other numbers `doubleValue`, arrays `arrayValue`, objects `kvlistValue`,
-/// null an empty `AnyValue`.
-fn any_json(v: &Value) -> Value {
-    match v {
-        Value::Null => json!({}),
-        Value::Bool(b) => json!({ "boolValue": b }),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => json!({ "intValue": i.to_string() }),
-            None => json!({ "doubleValue": n }),
-        },
-        Value::String(s) => json!({ "stringValue": s }),
-        Value::Array(items) => {
-            let values: Vec<Value> = items.iter().map(any_json).collect();
+/// An `AnyValue` in OTLP/JSON: `intValue` as a decimal string, `bytesValue` in base64,
+/// an empty object for an empty value.
+fn any_value_json(v: &AnyValue) -> Value {
+    match &v.value {
+        None | Some(any_value::Value::StringValueStrindex(_)) => json!({}),
+        Some(any_value::Value::StringValue(s)) => json!({ "stringValue": s }),
+        Some(any_value::Value::BoolValue(b)) => json!({ "boolValue": b }),
+        Some(any_value::Value::IntValue(i)) => json!({ "intValue": i.to_string() }),
+        Some(any_value::Value::DoubleValue(d)) => json!({ "doubleValue": d }),
+        Some(any_value::Value::ArrayValue(a)) => {
+            let values: Vec<Value> = a.values.iter().map(any_value_json).collect();
             json!({ "arrayValue": { "values": values } })
         }
-        Value::Object(m) => {
-            let values: Vec<Value> = m
-                .iter()
-                .map(|(k, v)| json!({ "key": k, "value": any_json(v) }))
-                .collect();
-            json!({ "kvlistValue": { "values": values } })
+        Some(any_value::Value::KvlistValue(kvs)) => {
+            json!({ "kvlistValue": { "values": key_values_json(&kvs.values) } })
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Traces as protobuf
-// ---------------------------------------------------------------------------------------
-
-/// The body of `GET /api/traces/<id>` as protobuf (`tempopb.Trace`: field 1, repeated
-/// OTLP `ResourceSpans`), which Grafana asks for with `Accept: application/protobuf`.
-pub fn trace_protobuf(view: &TraceView) -> Vec<u8> {
-    let mut pb = Pb::default();
-    for r in &resource_spans(view) {
-        pb.message(1, |m| m.resource_spans(r));
-    }
-    pb.buf
-}
-
-/// The body of `GET /api/v2/traces/<id>` as protobuf (`tempopb.TraceByIDResponse`:
-/// `trace` = 1 holding the `tempopb.Trace`; `status` left at COMPLETE).
-pub fn trace_v2_protobuf(view: &TraceView) -> Vec<u8> {
-    let resource_spans = resource_spans(view);
-    let mut pb = Pb::default();
-    pb.message(1, |t| {
-        for r in &resource_spans {
-            t.message(1, |m| m.resource_spans(r));
-        }
-    });
-    pb.buf
-}
-
-/// A protobuf writer for the few OTLP messages above.
-#[derive(Default)]
-struct Pb {
-    buf: Vec<u8>,
-}
-
-impl Pb {
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf.push((v as u8 & 0x7f) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
-    }
-
-    fn key(&mut self, field: u32, wire_type: u8) {
-        self.varint((u64::from(field) << 3) | u64::from(wire_type));
-    }
-
-    /// A length-delimited field, written even when empty.
-    fn len_delimited(&mut self, field: u32, bytes: &[u8]) {
-        self.key(field, 2);
-        self.varint(bytes.len() as u64);
-        self.buf.extend_from_slice(bytes);
-    }
-
-    fn string(&mut self, field: u32, s: &str) {
-        if !s.is_empty() {
-            self.len_delimited(field, s.as_bytes());
-        }
-    }
-
-    fn bytes(&mut self, field: u32, b: &[u8]) {
-        if !b.is_empty() {
-            self.len_delimited(field, b);
-        }
-    }
-
-    fn uint(&mut self, field: u32, v: u64) {
-        if v != 0 {
-            self.key(field, 0);
-            self.varint(v);
-        }
-    }
-
-    fn fixed64(&mut self, field: u32, v: u64) {
-        if v != 0 {
-            self.key(field, 1);
-            self.buf.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-
-    fn fixed32(&mut self, field: u32, v: u32) {
-        if v != 0 {
-            self.key(field, 5);
-            self.buf.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-
-    /// An embedded message, written even when empty.
-    fn message(&mut self, field: u32, write: impl FnOnce(&mut Pb)) {
-        let mut inner = Pb::default();
-        write(&mut inner);
-        self.len_delimited(field, &inner.buf);
-    }
-
-    fn resource_spans(&mut self, r: &ResourceSpans<'_>) {
-        self.message(1, |m| {
-            m.key_values(1, &r.attributes);
-            m.uint(2, u64::from(r.dropped));
-        });
-        for s in &r.scopes {
-            self.message(2, |m| m.scope_spans(s));
-        }
-        self.string(3, r.schema_url);
-    }
-
-    fn scope_spans(&mut self, s: &ScopeSpans<'_>) {
-        self.message(1, |m| {
-            m.string(1, s.name);
-            m.string(2, s.version);
-            m.key_values(3, &s.attributes);
-            m.uint(4, u64::from(s.dropped));
-        });
-        for span in &s.spans {
-            self.message(2, |m| m.span(span));
-        }
-        self.string(3, s.schema_url);
-    }
-
-    fn span(&mut self, s: &Span<'_>) {
-        self.bytes(1, &s.trace_id);
-        self.bytes(2, &s.span_id);
-        self.string(3, s.trace_state);
-        self.bytes(4, &s.parent_span_id);
-        self.string(5, s.name);
-        self.uint(6, s.kind as u64);
-        self.fixed64(7, s.start);
-        self.fixed64(8, s.end);
-        self.key_values(9, &s.attributes);
-        self.uint(10, u64::from(s.dropped_attributes));
-        for e in &s.events {
-            self.message(11, |m| {
-                m.fixed64(1, e.time);
-                m.string(2, e.name);
-                m.key_values(3, &e.attributes);
-                m.uint(4, u64::from(e.dropped));
-            });
-        }
-        self.uint(12, u64::from(s.dropped_events));
-        for l in &s.links {
-            self.message(13, |m| {
-                m.bytes(1, &l.trace_id);
-                m.bytes(2, &l.span_id);
-                m.string(3, l.trace_state);
-                m.key_values(4, &l.attributes);
-                m.uint(5, u64::from(l.dropped));
-                m.fixed32(6, l.flags);
-            });
-        }
-        self.uint(14, u64::from(s.dropped_links));
-        self.message(15, |m| {
-            m.string(2, s.status_message);
-            m.uint(3, s.status_code as u64);
-        });
-        self.fixed32(16, s.flags);
-    }
-
-    /// Repeated `KeyValue` in `field`.
-    fn key_values(&mut self, field: u32, kvs: &[Kv<'_>]) {
-        for kv in kvs {
-            self.message(field, |m| m.key_value(kv.key, &kv.value));
-        }
-    }
-
-    fn key_value(&mut self, key: &str, value: &Value) {
-        self.string(1, key);
-        self.message(2, |m| m.any_value(value));
-    }
-
-    /// `AnyValue`: the `oneof` member is written even when it holds its default.
-    fn any_value(&mut self, v: &Value) {
-        match v {
-            Value::Null => {}
-            Value::String(s) => self.len_delimited(1, s.as_bytes()),
-            Value::Bool(b) => {
-                self.key(2, 0);
-                self.varint(u64::from(*b));
-            }
-            Value::Number(n) => match (n.as_i64(), n.as_f64()) {
-                (Some(i), _) => {
-                    self.key(3, 0);
-                    self.varint(i as u64);
-                }
-                (None, Some(d)) => {
-                    self.key(4, 1);
-                    self.buf.extend_from_slice(&d.to_bits().to_le_bytes());
-                }
-                (None, None) => {}
-            },
-            Value::Array(items) => self.message(5, |m| {
-                for item in items {
-                    m.message(1, |m| m.any_value(item));
-                }
-            }),
-            Value::Object(members) => self.message(6, |m| {
-                for (k, v) in members {
-                    m.message(1, |m| m.key_value(k, v));
-                }
-            }),
-        }
+        Some(any_value::Value::BytesValue(b)) => json!({ "bytesValue": b64(b) }),
     }
 }
 
@@ -1761,14 +1575,12 @@ mod tests {
 
     #[test]
     fn base64_and_hex_helpers() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foob"), "Zm9vYg==");
+        assert_eq!(b64(b""), "");
+        assert_eq!(b64(b"f"), "Zg==");
+        assert_eq!(b64(b"foob"), "Zm9vYg==");
         // Grafana's documented trace JSON: "traceId": "AAAAAAAAAABguiq7RPE+rg==".
         let id = unhex("000000000000000060ba2abb44f13eae").expect("hex");
-        assert_eq!(base64(&id), "AAAAAAAAAABguiq7RPE+rg==");
+        assert_eq!(b64(&id), "AAAAAAAAAABguiq7RPE+rg==");
         assert_eq!(unhex("0g"), None);
         assert_eq!(unhex("abc"), None);
     }
@@ -1910,8 +1722,8 @@ mod tests {
                 "attributes": [{ "key": "attempt", "value": { "intValue": "2" } }],
             }])
         );
-        assert_eq!(llm["links"][0]["traceId"], base64(&[0xff; 16]));
-        assert_eq!(llm["links"][0]["spanId"], base64(&[0xee; 8]));
+        assert_eq!(llm["links"][0]["traceId"], b64(&[0xff; 16]));
+        assert_eq!(llm["links"][0]["spanId"], b64(&[0xee; 8]));
     }
 
     #[test]
@@ -1948,179 +1760,161 @@ mod tests {
         );
     }
 
-    // A minimal protobuf reader, enough to check the wire format.
-    #[derive(Debug, PartialEq)]
-    enum Wire<'a> {
-        Varint(u64),
-        Fixed64(u64),
-        Len(&'a [u8]),
-        Fixed32(u32),
+    /// A string `AnyValue`, and any other.
+    fn string(s: &str) -> AnyValue {
+        any(any_value::Value::StringValue(s.into()))
     }
 
-    fn read_varint(b: &mut &[u8]) -> u64 {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let s: &[u8] = *b;
-            let (&byte, rest) = s.split_first().expect("truncated varint");
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte < 0x80 {
-                return v;
-            }
-        }
-        panic!("varint too long")
+    fn any(v: any_value::Value) -> AnyValue {
+        AnyValue { value: Some(v) }
     }
 
-    fn decode(mut b: &[u8]) -> Vec<(u32, Wire<'_>)> {
-        let mut out = Vec::new();
-        while !b.is_empty() {
-            let key = read_varint(&mut b);
-            let field = (key >> 3) as u32;
-            let wire = match key & 7 {
-                0 => Wire::Varint(read_varint(&mut b)),
-                1 => {
-                    let (v, rest) = b.split_at(8);
-                    b = rest;
-                    Wire::Fixed64(u64::from_le_bytes(v.try_into().unwrap()))
-                }
-                2 => {
-                    let n = read_varint(&mut b) as usize;
-                    let (v, rest) = b.split_at(n);
-                    b = rest;
-                    Wire::Len(v)
-                }
-                5 => {
-                    let (v, rest) = b.split_at(4);
-                    b = rest;
-                    Wire::Fixed32(u32::from_le_bytes(v.try_into().unwrap()))
-                }
-                w => panic!("wire type {w}"),
-            };
-            out.push((field, wire));
-        }
-        out
-    }
-
-    /// The embedded messages (or strings / bytes) of `field`.
-    fn messages<'a>(fields: &[(u32, Wire<'a>)], field: u32) -> Vec<&'a [u8]> {
-        fields
+    /// The value of the attribute `key`.
+    fn value_of<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+        attrs
             .iter()
-            .filter(|(f, _)| *f == field)
-            .map(|(_, w)| match w {
-                Wire::Len(b) => *b,
-                other => panic!("field {field} is {other:?}"),
-            })
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+    }
+
+    /// All spans of decoded resource spans, in order.
+    fn proto_spans(resource_spans: &[ResourceSpans]) -> Vec<&Span> {
+        resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
             .collect()
     }
 
-    fn one<'a>(fields: &'a [(u32, Wire<'a>)], field: u32) -> &'a Wire<'a> {
-        let mut found = fields.iter().filter(|(f, _)| *f == field);
-        let first = found.next().expect("the field");
-        assert!(found.next().is_none(), "field {field} is repeated");
-        &first.1
-    }
-
-    /// The `AnyValue` (decoded) of the attribute `key` of a decoded span.
-    fn value_of<'a>(span: &[(u32, Wire<'a>)], key: &[u8]) -> Vec<(u32, Wire<'a>)> {
-        let kv = messages(span, 9)
-            .into_iter()
-            .map(decode)
-            .find(|kv| one(kv, 1) == &Wire::Len(key))
-            .expect("attribute");
-        decode(messages(&kv, 2)[0])
-    }
-
-    /// The spans (as decoded fields) of a protobuf `tempopb.Trace`.
-    fn proto_spans(trace: &[u8]) -> Vec<Vec<(u32, Wire<'_>)>> {
-        let mut spans = Vec::new();
-        for rs in messages(&decode(trace), 1) {
-            for ss in messages(&decode(rs), 2) {
-                for s in messages(&decode(ss), 2) {
-                    spans.push(decode(s));
-                }
-            }
-        }
-        spans
+    #[test]
+    fn json_values_become_typed_any_values() {
+        assert_eq!(
+            to_any_value(&json!(-1)),
+            any(any_value::Value::IntValue(-1))
+        );
+        assert_eq!(
+            to_any_value(&json!(u64::MAX)),
+            any(any_value::Value::DoubleValue(u64::MAX as f64))
+        );
+        assert_eq!(to_any_value(&Value::Null), AnyValue { value: None });
+        assert_eq!(
+            to_any_value(&json!({ "k": ["v"] })),
+            any(any_value::Value::KvlistValue(KeyValueList {
+                values: vec![to_key_value("k", &json!(["v"]))],
+            }))
+        );
+        assert_eq!(
+            any_value_json(&any(any_value::Value::BytesValue(b"foo".to_vec()))),
+            json!({ "bytesValue": "Zm9v" })
+        );
     }
 
     #[test]
-    fn protobuf_trace_is_otlp_resource_spans() {
+    fn protobuf_trace_is_otlp_traces_data() {
         let body = trace_protobuf(&view());
-        let top = decode(&body);
-        assert_eq!(messages(&top, 1).len(), 2, "two ResourceSpans");
-        // The first ResourceSpans' Resource carries service.name = "bot".
-        let rs = decode(messages(&top, 1)[0]);
-        let resource = decode(messages(&rs, 1)[0]);
-        let kv = decode(messages(&resource, 1)[0]);
-        assert_eq!(one(&kv, 1), &Wire::Len(b"service.name"));
-        let any = decode(messages(&kv, 2)[0]);
-        assert_eq!(one(&any, 1), &Wire::Len(b"bot"));
+        let trace = TracesData::decode(body.as_slice()).expect("a tempopb.Trace");
+        assert_eq!(trace.resource_spans.len(), 2, "bot and tools");
+        let resource = trace.resource_spans[0]
+            .resource
+            .as_ref()
+            .expect("a resource");
+        assert_eq!(
+            value_of(&resource.attributes, "service.name"),
+            Some(&string("bot"))
+        );
 
-        let spans = proto_spans(&body);
+        let spans = proto_spans(&trace.resource_spans);
         assert_eq!(spans.len(), 4);
-        let root = &spans[0];
+        let root = spans[0];
+        assert_eq!(root.trace_id, (1..=16).collect::<Vec<u8>>());
         assert_eq!(
-            one(root, 1),
-            &Wire::Len(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])
+            root.span_id,
+            [0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8]
+        );
+        assert!(root.parent_span_id.is_empty(), "a root has no parent");
+        assert_eq!(root.name, "span-a1a2a3a4a5a6a7a8");
+        assert_eq!(root.kind(), span::SpanKind::Server);
+        assert_eq!(
+            (root.start_time_unix_nano, root.end_time_unix_nano),
+            (1_000, 1_010)
         );
         assert_eq!(
-            one(root, 2),
-            &Wire::Len(&[0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8])
+            root.status.as_ref().map(Status::code),
+            Some(status::StatusCode::Ok)
         );
-        assert!(root.iter().all(|(f, _)| *f != 4), "a root has no parent");
-        assert_eq!(one(root, 5), &Wire::Len(b"span-a1a2a3a4a5a6a7a8"));
-        assert_eq!(one(root, 6), &Wire::Varint(2), "SPAN_KIND_SERVER");
-        assert_eq!(one(root, 7), &Wire::Fixed64(1_000));
-        assert_eq!(one(root, 8), &Wire::Fixed64(1_010));
-        let status = decode(messages(root, 15)[0]);
-        assert_eq!(one(&status, 3), &Wire::Varint(1), "STATUS_CODE_OK");
 
-        let llm = &spans[1];
+        let llm = spans[1];
+        assert_eq!(llm.parent_span_id, root.span_id);
+        assert_eq!(llm.kind(), span::SpanKind::Client);
+        assert_eq!(llm.trace_state, "vendor=x");
+        assert_eq!(llm.dropped_events_count, 2);
+        assert_eq!(llm.flags, 257);
         assert_eq!(
-            one(llm, 4),
-            &Wire::Len(&[0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8])
+            llm.status,
+            Some(Status {
+                message: "rate limited".into(),
+                code: status::StatusCode::Error as i32,
+            })
         );
-        assert_eq!(one(llm, 3), &Wire::Len(b"vendor=x"));
-        assert_eq!(one(llm, 12), &Wire::Varint(2));
-        assert_eq!(one(llm, 16), &Wire::Fixed32(257));
-        let status = decode(messages(llm, 15)[0]);
-        assert_eq!(one(&status, 2), &Wire::Len(b"rate limited"));
-        assert_eq!(one(&status, 3), &Wire::Varint(2), "STATUS_CODE_ERROR");
-        let event = decode(messages(llm, 11)[0]);
-        assert_eq!(one(&event, 1), &Wire::Fixed64(2_005));
-        // Attribute values keep their types.
+        assert_eq!(llm.events.len(), 1);
+        assert_eq!(llm.events[0].time_unix_nano, 2_005);
+        assert_eq!(llm.events[0].name, "retry");
         assert_eq!(
-            value_of(llm, b"gen_ai.usage.input_tokens"),
-            [(3, Wire::Varint(12))]
+            value_of(&llm.events[0].attributes, "attempt"),
+            Some(&any(any_value::Value::IntValue(2)))
         );
-        assert_eq!(value_of(llm, b"stream"), [(2, Wire::Varint(0))]);
+        assert_eq!(llm.links.len(), 1);
+        assert_eq!(llm.links[0].trace_id, [0xff; 16]);
+        assert_eq!(llm.links[0].span_id, [0xee; 8]);
+        // Attribute values keep their types; the oneof member survives at its default.
+        let attrs = &llm.attributes;
         assert_eq!(
-            value_of(llm, b"temperature"),
-            [(4, Wire::Fixed64(0.5f64.to_bits()))]
+            value_of(attrs, "gen_ai.usage.input_tokens"),
+            Some(&any(any_value::Value::IntValue(12)))
         );
-        assert!(value_of(llm, b"nothing").is_empty());
-        let array = value_of(llm, b"tags");
-        assert_eq!(messages(&decode(messages(&array, 5)[0]), 1).len(), 2);
+        assert_eq!(
+            value_of(attrs, "stream"),
+            Some(&any(any_value::Value::BoolValue(false)))
+        );
+        assert_eq!(
+            value_of(attrs, "temperature"),
+            Some(&any(any_value::Value::DoubleValue(0.5)))
+        );
+        assert_eq!(value_of(attrs, "nothing"), Some(&AnyValue { value: None }));
+        assert_eq!(
+            value_of(attrs, "tags"),
+            Some(&any(any_value::Value::ArrayValue(ArrayValue {
+                values: vec![string("a"), any(any_value::Value::IntValue(1))],
+            })))
+        );
+        assert_eq!(value_of(attrs, "loupe.llm_kind"), Some(&string("LLM")));
+        for lifted in [
+            "otel.trace_state",
+            "otel.flags",
+            "otel.dropped_events_count",
+        ] {
+            assert_eq!(value_of(attrs, lifted), None, "{lifted}");
+        }
+
+        let tools = &trace.resource_spans[1].scope_spans[0];
+        assert_eq!(
+            tools.scope.as_ref().map(|s| s.name.as_str()),
+            Some("toolkit")
+        );
+        assert_eq!(tools.schema_url, "s");
     }
 
     #[test]
     fn protobuf_v2_wraps_the_trace_in_field_one() {
         let v = view();
         let body = trace_v2_protobuf(&v);
-        let top = decode(&body);
-        assert_eq!(top.len(), 1, "only trace; status COMPLETE is the default");
-        let Wire::Len(trace) = one(&top, 1) else {
-            panic!("trace is a message")
-        };
-        assert_eq!(*trace, trace_protobuf(&v).as_slice());
-    }
-
-    #[test]
-    fn negative_ints_are_ten_byte_varints() {
-        let mut pb = Pb::default();
-        pb.any_value(&json!(-1));
-        assert_eq!(pb.buf.len(), 11);
-        assert_eq!(decode(&pb.buf), [(3, Wire::Varint(u64::MAX))]);
+        assert_eq!(body[0], (1 << 3) | 2, "trace: field 1, length-delimited");
+        let resp = TraceByIdResponse::decode(body.as_slice()).expect("a TraceByIDResponse");
+        let trace = TracesData::decode(trace_protobuf(&v).as_slice()).expect("a tempopb.Trace");
+        assert_eq!(resp.trace.as_ref(), Some(&trace));
+        // Decoding drops fields it does not know: re-encoding gives the same bytes, so
+        // the body holds only the trace (status COMPLETE is the default).
+        assert_eq!(resp.encode_to_vec(), body);
     }
 
     #[test]

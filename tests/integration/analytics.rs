@@ -286,3 +286,154 @@ async fn compare_aligns_two_runs_and_reports_what_changed() {
     let (status, _) = loupe.get(&format!("/api/v1/compare?a={}", hex(&a))).await;
     assert_eq!(status, 400);
 }
+
+/// POSTs scores to the ingest port; returns status and body.
+async fn post_scores(loupe: &Loupe, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/scores", loupe.http))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn scores_are_durable_shown_with_traces_filter_searches_and_have_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut loupe = Loupe::start(dir.path(), &[]);
+    let mut client = loupe.grpc_client().await;
+    let (good, spans_good) = llm_trace("erin", "rag", "gpt-4o-mini", (100, 10), 200, false);
+    let (bad, spans_bad) = llm_trace("erin", "rag", "gpt-4o-mini", (100, 10), 200, false);
+    let llm_span = hex(&spans_bad[1].span_id);
+    let mut spans = spans_good;
+    spans.extend(spans_bad);
+    client.export(request("shop", spans)).await.unwrap();
+
+    let now = chrono::Utc::now();
+    let last_week = (now - chrono::Duration::days(7)).to_rfc3339();
+    let (status, resp) = post_scores(
+        &loupe,
+        serde_json::json!([
+            {"trace_id": hex(&good), "name": "faithfulness", "value": 0.9, "source": "llm_judge"},
+            {"trace_id": hex(&bad), "name": "faithfulness", "value": 0.3, "source": "llm_judge",
+             "comment": "cites a document that says otherwise", "id": "judge-1"},
+            {"trace_id": hex(&bad), "span_id": llm_span, "name": "helpful", "value": false, "source": "human"},
+            {"traceId": hex(&bad), "name": "topic", "value": "billing"},
+            // Last week's judgements of other traces averaged 0.75.
+            {"trace_id": "11111111111111111111111111111111", "name": "faithfulness", "value": 0.7, "timestamp": last_week},
+            {"trace_id": "22222222222222222222222222222222", "name": "faithfulness", "value": 0.8, "timestamp": last_week},
+        ]),
+    )
+    .await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["ids"].as_array().unwrap().len(), 6);
+    assert_eq!(resp["ids"][1], "judge-1");
+
+    // A bad score is refused whole, naming it.
+    let (status, err) = post_scores(
+        &loupe,
+        serde_json::json!([{"trace_id": hex(&bad), "name": "x", "value": 1, "source": "robot"}]),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("scores[0]: source must be"),
+        "{err}"
+    );
+
+    check_scores(&loupe, &hex(&bad), &llm_span).await;
+
+    // Durable: after a restart the scores come from blocks, each once.
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(loupe.terminate().success());
+    assert!(
+        walk(dir.path())
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with(".scores.parquet")),
+        "scores are in a block"
+    );
+    let loupe = Loupe::start(dir.path(), &[]);
+    check_scores(&loupe, &hex(&bad), &llm_span).await;
+
+    // Sent again with its id, a score is replaced.
+    let (status, _) = post_scores(
+        &loupe,
+        serde_json::json!({"trace_id": hex(&bad), "name": "faithfulness", "value": 0.95, "id": "judge-1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, found) = loupe
+        .get("/api/v1/traces?since=24h&score=faithfulness<0.5")
+        .await;
+    assert!(found["traces"].as_array().unwrap().is_empty(), "{found}");
+}
+
+/// What a user checks of the scores posted in the scores test.
+async fn check_scores(loupe: &Loupe, bad: &str, llm_span: &str) {
+    // Returned with the trace: the trace's and the span's.
+    let (_, trace) = loupe.get(&format!("/api/v1/traces/{}", bad)).await;
+    let scores = trace["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 3, "{trace}");
+    let f = scores.iter().find(|s| s["name"] == "faithfulness").unwrap();
+    assert_eq!(f["value"], 0.3);
+    assert_eq!(f["source"], "llm_judge");
+    assert_eq!(f["comment"], "cites a document that says otherwise");
+    let h = scores.iter().find(|s| s["name"] == "helpful").unwrap();
+    assert_eq!(h["span_id"], llm_span);
+    assert_eq!(
+        (h["data_type"].as_str(), h["label"].as_str()),
+        (Some("boolean"), Some("false"))
+    );
+    let t = scores.iter().find(|s| s["name"] == "topic").unwrap();
+    assert_eq!(t["label"], "billing");
+
+    // "faithfulness < 0.5 in the last 24 h" finds the bad trace only.
+    let (status, found) = loupe
+        .get("/api/v1/traces?since=24h&score=faithfulness<0.5")
+        .await;
+    assert_eq!(status, 200, "{found}");
+    let ids: Vec<&str> = found["traces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["trace_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [bad]);
+    let (_, found) = loupe
+        .get("/api/v1/traces?since=24h&score=helpful=false,topic=billing")
+        .await;
+    assert_eq!(found["traces"].as_array().unwrap().len(), 1, "{found}");
+
+    // Week over week: 0.75 last week, 0.6 this week: a 20 % drop.
+    let (status, m) = loupe
+        .get("/api/v1/scores/metrics?since=14d&step=7d&name=faithfulness")
+        .await;
+    assert_eq!(status, 200, "{m}");
+    let series = &m["series"][0];
+    assert_eq!(series["count"], 4);
+    let points = series["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2, "{m}");
+    assert!(
+        (points[0]["avg"].as_f64().unwrap() - 0.75).abs() < 1e-9,
+        "{m}"
+    );
+    assert!(
+        (points[1]["avg"].as_f64().unwrap() - 0.6).abs() < 1e-9,
+        "{m}"
+    );
+    assert!(
+        (points[1]["change"].as_f64().unwrap() + 0.2).abs() < 1e-9,
+        "{m}"
+    );
+
+    let (_, listed) = loupe
+        .get(&format!("/api/v1/scores?since=1h&trace_id={}", bad))
+        .await;
+    assert_eq!(listed["scores"].as_array().unwrap().len(), 3, "{listed}");
+}

@@ -334,9 +334,26 @@ async fn spans_flow_from_receive_through_kafka_to_a_separate_querier() {
     await_traces(&querier, "dist-svc", &ids, Duration::from_secs(60)).await;
 
     // The tree and the LLM fields survived the trip through Kafka.
-    let one = querier.trace(ids.iter().next().unwrap()).await;
+    let first = ids.iter().next().unwrap();
+    let one = querier.trace(first).await;
     assert_eq!(one["span_count"], 2);
     assert_eq!(one["input_tokens"], 1200, "{one}");
+
+    // Scores take the same path.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/scores", receive.http))
+        .json(&serde_json::json!({"trace_id": first, "name": "faithfulness", "value": 0.25}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    eventually(Duration::from_secs(60), || async {
+        let t = querier.trace(first).await;
+        (t["scores"][0]["value"] == 0.25)
+            .then_some(())
+            .ok_or_else(|| format!("no score yet: {}", t["scores"]))
+    })
+    .await;
 
     let m = receive.metrics().await;
     assert_eq!(
@@ -347,8 +364,8 @@ async fn spans_flow_from_receive_through_kafka_to_a_separate_querier() {
     let m = writer.metrics().await;
     assert_eq!(
         metric(&m, "loupe_writer_records_consumed_total"),
-        40.0,
-        "one record per trace: {m}"
+        41.0,
+        "one record per trace, one for the score: {m}"
     );
     assert!(metric(&m, "loupe_blocks_written_total") >= 1.0, "{m}");
     assert!(

@@ -180,6 +180,60 @@ async fn keys_isolate_projects_and_environments() {
             .collect();
         assert_eq!(ids, vec![own.as_str()], "{body}");
     }
+    // Scores: written with an ingest key only, and only into its own project (a
+    // score naming another project's trace stays in the writer's project).
+    let score = |key: &str, trace: &str| {
+        reqwest::Client::new()
+            .post(format!("{}/api/v1/scores", loupe.http))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"trace_id": trace, "name": "quality", "value": 1}))
+            .send()
+    };
+    assert_eq!(
+        score(&dev.query, &dev_trace)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        score(&dev.ingest, &dev_trace)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        score(&other.ingest, &prod_trace)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let body = await_status(
+        &loupe,
+        &dev.query,
+        &format!("/api/v1/traces/{dev_trace}"),
+        200,
+    )
+    .await;
+    assert_eq!(body["scores"].as_array().unwrap().len(), 1, "{body}");
+    let body = await_status(
+        &loupe,
+        &prod.query,
+        &format!("/api/v1/traces/{prod_trace}"),
+        200,
+    )
+    .await;
+    assert!(body["scores"].as_array().unwrap().is_empty(), "{body}");
+    let (_, listed) = query(&loupe, Some(&prod.query), "/api/v1/scores?since=1h").await;
+    assert!(listed["scores"].as_array().unwrap().is_empty(), "{listed}");
+    let (_, listed) = query(&loupe, Some(&other.query), "/api/v1/scores?since=1h").await;
+    assert_eq!(listed["scores"].as_array().unwrap().len(), 1, "{listed}");
+
     // The environment is the project's.
     let body = await_status(
         &loupe,
