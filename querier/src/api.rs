@@ -58,6 +58,16 @@ struct ApiState {
 /// The query API routes. Every request reads the tenant of its query key.
 pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: QueryMetrics) -> Router {
     Router::new()
+        // Grafana's Tempo data source (see `crate::tempo`).
+        .route("/api/echo", get(tempo_echo))
+        .route("/api/status/buildinfo", get(tempo_buildinfo))
+        .route("/api/traces/{trace_id}", get(tempo_trace_v1))
+        .route("/api/v2/traces/{trace_id}", get(tempo_trace_v2))
+        .route("/api/search", get(tempo_search))
+        .route("/api/search/tags", get(tempo_tags_v1))
+        .route("/api/v2/search/tags", get(tempo_tags_v2))
+        .route("/api/search/tag/{tag}/values", get(tempo_values_v1))
+        .route("/api/v2/search/tag/{tag}/values", get(tempo_values_v2))
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/metrics", get(llm_metrics))
@@ -220,6 +230,186 @@ async fn compare(
             )
         })?;
     Ok(axum::Json(comparison).into_response())
+}
+
+async fn tempo_echo(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // Authenticated, so that Grafana's "Save & test" catches a wrong key.
+    state.tenant(&headers)?;
+    Ok(crate::tempo::ECHO_BODY.into_response())
+}
+
+async fn tempo_buildinfo() -> Response {
+    axum::Json(crate::tempo::buildinfo_json(env!("CARGO_PKG_VERSION"))).into_response()
+}
+
+async fn tempo_trace_v1(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    trace_id: Path<String>,
+) -> Result<Response, ApiError> {
+    tempo_trace(state, headers, trace_id, false).await
+}
+
+async fn tempo_trace_v2(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    trace_id: Path<String>,
+) -> Result<Response, ApiError> {
+    tempo_trace(state, headers, trace_id, true).await
+}
+
+/// A trace the way Tempo answers: protobuf when asked (Grafana), else Tempo's JSON.
+/// Query parameters (`start`, `end`, span pruning) are accepted and have no effect.
+async fn tempo_trace(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(trace_id): Path<String>,
+    v2: bool,
+) -> Result<Response, ApiError> {
+    use crate::tempo;
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    let id = tempo::parse_trace_id(&trace_id).map_err(bad)?;
+    let result = state.engine.trace(&tenant, id).await;
+    state.observe("tempo_trace", result.is_ok(), started);
+    let Some(view) = result? else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("trace {trace_id} not found"),
+        ));
+    };
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    Ok(if tempo::wants_protobuf(accept) {
+        let body = if v2 {
+            tempo::trace_v2_protobuf(&view)
+        } else {
+            tempo::trace_protobuf(&view)
+        };
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/protobuf")],
+            body,
+        )
+            .into_response()
+    } else if v2 {
+        axum::Json(tempo::trace_v2_json(&view)).into_response()
+    } else {
+        axum::Json(tempo::trace_json(&view)).into_response()
+    })
+}
+
+async fn tempo_search(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    let search = crate::tempo::parse_search(&params, now_ns()).map_err(bad)?;
+    let result = state.engine.search(&tenant, &search.query).await;
+    state.observe("tempo_search", result.is_ok(), started);
+    Ok(axum::Json(crate::tempo::search_json(&result?)).into_response())
+}
+
+async fn tempo_tags_v1(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    params: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    tempo_tags(state, headers, params, false)
+}
+
+async fn tempo_tags_v2(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    params: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    tempo_tags(state, headers, params, true)
+}
+
+/// The tags Loupe can search by (a fixed set: its columns); `q`, `start`, `end` and
+/// `limit` are accepted and have no effect.
+fn tempo_tags(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+    v2: bool,
+) -> Result<Response, ApiError> {
+    state.tenant(&headers)?;
+    let scope = params.get("scope").map(String::as_str);
+    let body = if v2 {
+        crate::tempo::tag_names_v2_json(scope)
+    } else {
+        crate::tempo::tag_names_json(scope)
+    }
+    .map_err(bad)?;
+    Ok(axum::Json(body).into_response())
+}
+
+async fn tempo_values_v1(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    tag: Path<String>,
+    params: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    tempo_values(state, headers, tag, params, false).await
+}
+
+async fn tempo_values_v2(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    tag: Path<String>,
+    params: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    tempo_values(state, headers, tag, params, true).await
+}
+
+/// Values of a tag among spans in `start`..`end` (Unix seconds; the last 24 h by
+/// default), at most `limit` (default 1000). `q` is accepted and has no effect.
+async fn tempo_values(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(tag): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+    v2: bool,
+) -> Result<Response, ApiError> {
+    use crate::tempo;
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    let values: Vec<String> = if let Some(fixed) = tempo::fixed_tag_values(&tag) {
+        fixed.iter().map(|v| v.to_string()).collect()
+    } else if let Some(column) = tempo::tag_column(&tag) {
+        let now = now_ns();
+        let secs = |k: &str| -> Result<Option<i64>, ApiError> {
+            params
+                .get(k)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| parse_time(v.trim()).map_err(|e| bad(format!("{k}: {e}"))))
+                .transpose()
+        };
+        let end = secs("end")?.unwrap_or(now);
+        let start = secs("start")?
+            .unwrap_or_else(|| end.saturating_sub(DEFAULT_LOOKBACK.as_nanos() as i64));
+        let limit = parse_limit(params.get("limit").map(String::as_str), MAX_LIMIT)?;
+        let result = state
+            .engine
+            .distinct_values(&tenant, column, (start, end), limit)
+            .await;
+        state.observe("tempo_tag_values", result.is_ok(), started);
+        result?
+    } else {
+        Vec::new()
+    };
+    Ok(axum::Json(if v2 {
+        tempo::tag_values_v2_json(&tag, &values)
+    } else {
+        tempo::tag_values_json(&values)
+    })
+    .into_response())
 }
 
 async fn list_scores(

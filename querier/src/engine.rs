@@ -339,6 +339,45 @@ impl QueryEngine {
         Ok(Some(view))
     }
 
+    /// Distinct values of a span column among spans starting in `[start_ns, end_ns)`,
+    /// sorted, at most `limit`. `column` must be one of [`loupe_core::span::col`].
+    pub async fn distinct_values(
+        &self,
+        tenant: &TenantId,
+        column: &'static str,
+        (start_ns, end_ns): (i64, i64),
+        limit: usize,
+    ) -> Result<Vec<String>, QueryError> {
+        if span_schema().field_with_name(column).is_err() {
+            return Err(QueryError::Internal(format!("no span column {column}")));
+        }
+        let ctx = self
+            .session(self.source.snapshot(tenant), Some((start_ns, end_ns)))
+            .await?;
+        let sql = format!(
+            "SELECT DISTINCT CAST({column} AS VARCHAR) AS v FROM (\
+               SELECT {column} FROM blocks WHERE start_ns >= $1 AND start_ns < $2 \
+               UNION ALL SELECT {column} FROM head WHERE start_ns >= $1 AND start_ns < $2) \
+             WHERE {column} IS NOT NULL ORDER BY v LIMIT $3"
+        );
+        let batches = ctx
+            .sql(&sql)
+            .await?
+            .with_param_values(vec![
+                ScalarValue::Int64(Some(start_ns)),
+                ScalarValue::Int64(Some(end_ns)),
+                ScalarValue::Int64(Some(limit as i64)),
+            ])?
+            .collect()
+            .await?;
+        let mut out = Vec::new();
+        for b in &batches {
+            let v = strings(b, "v")?;
+            out.extend((0..b.num_rows()).filter_map(|r| opt_str(&v, r)));
+        }
+        Ok(out)
+    }
+
     /// Trace summaries matching the query, newest first (ties by trace id).
     pub async fn search(
         &self,

@@ -9,6 +9,7 @@ pub mod model;
 pub mod prune;
 pub mod scores;
 pub mod stats;
+pub mod tempo;
 
 pub use api::QueryMetrics;
 pub use engine::{QueryEngine, QueryError, SearchQuery};

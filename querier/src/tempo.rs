@@ -157,7 +157,7 @@ fn nibble(b: u8) -> Option<u8> {
 /// Bytes of an even-length hex string (ids as the engine and `normalize` write them).
 fn unhex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks_exact(2)
@@ -1551,6 +1551,7 @@ mod tests {
             trace_id: TRACE.into(),
             summary: TraceTotals::default(),
             roots: vec![root, orphan],
+            scores: Vec::new(),
         }
     }
 

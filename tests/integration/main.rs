@@ -9,4 +9,5 @@ mod durability;
 mod harness;
 mod otlp;
 mod python_sdk;
+mod tempo;
 mod tenancy;
