@@ -72,6 +72,9 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/metrics", get(llm_metrics))
         .route("/api/v1/compare", get(compare))
+        .route("/api/v1/sessions", get(list_sessions))
+        .route("/api/v1/sessions/{session_id}", get(session_traces))
+        .route("/api/v1/users", get(list_users))
         .route("/api/v1/scores", get(list_scores))
         .route("/api/v1/scores/metrics", get(score_metrics))
         .with_state(Arc::new(ApiState {
@@ -230,6 +233,98 @@ async fn compare(
             )
         })?;
     Ok(axum::Json(comparison).into_response())
+}
+
+async fn list_sessions(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    params: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    list_groups(state, headers, params, crate::sessions::GroupBy::Session).await
+}
+
+async fn list_users(
+    state: State<Arc<ApiState>>,
+    headers: HeaderMap,
+    params: Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    list_groups(state, headers, params, crate::sessions::GroupBy::User).await
+}
+
+/// Sessions (most recent first) or users (most expensive first) with their totals.
+async fn list_groups(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+    by: crate::sessions::GroupBy,
+) -> Result<Response, ApiError> {
+    use crate::sessions::{GroupBy, GroupQuery, Order};
+    const ACCEPTED: [&str; 6] = ["start", "end", "since", "user_id", "order", "limit"];
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    check_params(&params, &ACCEPTED)?;
+    let (start_ns, end_ns) = parse_range(&params, now_ns())?;
+    let get = |k: &str| params.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let order = match get("order") {
+        Some(v) => Order::parse(v).ok_or_else(|| {
+            bad(format!(
+                "order must be recent, cost, traces or tokens, got {v:?}"
+            ))
+        })?,
+        None if by == GroupBy::User => Order::Cost,
+        None => Order::Recent,
+    };
+    let query = GroupQuery {
+        by,
+        start_ns,
+        end_ns,
+        user_id: get("user_id").map(str::to_owned),
+        order,
+        limit: parse_limit(get("limit"), 100)?,
+    };
+    let result = state.engine.groups(&tenant, &query).await;
+    let (endpoint, key) = match by {
+        GroupBy::Session => ("sessions", "sessions"),
+        GroupBy::User => ("users", "users"),
+    };
+    state.observe(endpoint, result.is_ok(), started);
+    Ok(axum::Json(serde_json::json!({ key: result? })).into_response())
+}
+
+/// The traces of one session, oldest first (the most recent `limit` when there are
+/// more).
+async fn session_traces(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(session_id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    const ACCEPTED: [&str; 4] = ["start", "end", "since", "limit"];
+    let started = Instant::now();
+    let tenant = state.tenant(&headers)?;
+    check_params(&params, &ACCEPTED)?;
+    let (start_ns, end_ns) = parse_range(&params, now_ns())?;
+    let query = SearchQuery {
+        start_ns,
+        end_ns,
+        session_id: Some(session_id.clone()),
+        limit: parse_limit(params.get("limit").map(String::as_str), MAX_LIMIT)?,
+        ..SearchQuery::default()
+    };
+    let result = state.engine.search(&tenant, &query).await;
+    state.observe("session", result.is_ok(), started);
+    let mut traces = result?.traces;
+    if traces.is_empty() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no trace of session {session_id:?} in the time range"),
+        ));
+    }
+    traces.reverse();
+    Ok(
+        axum::Json(serde_json::json!({ "session_id": session_id, "traces": traces }))
+            .into_response(),
+    )
 }
 
 async fn tempo_echo(

@@ -220,6 +220,17 @@ impl QueryEngine {
         Ok(ctx)
     }
 
+    /// A session whose `blocks` and `head` hold the tenant's spans that may start in
+    /// `range`.
+    pub(crate) async fn span_session(
+        &self,
+        tenant: &TenantId,
+        range: (i64, i64),
+    ) -> Result<SessionContext, QueryError> {
+        self.session(self.source.snapshot(tenant), Some(range))
+            .await
+    }
+
     /// A session holding only the tenant's `scores`.
     pub(crate) fn score_session(&self, tenant: &TenantId) -> Result<SessionContext, QueryError> {
         let snapshot = self.source.snapshot(tenant);

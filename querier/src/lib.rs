@@ -8,6 +8,7 @@ pub mod index;
 pub mod model;
 pub mod prune;
 pub mod scores;
+pub mod sessions;
 pub mod stats;
 pub mod tempo;
 

@@ -437,3 +437,77 @@ async fn check_scores(loupe: &Loupe, bad: &str, llm_span: &str) {
         .await;
     assert_eq!(listed["scores"].as_array().unwrap().len(), 3, "{listed}");
 }
+
+#[tokio::test]
+async fn sessions_list_their_turns_in_order_and_users_their_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let loupe = Loupe::start(dir.path(), &[]);
+    let mut client = loupe.grpc_client().await;
+    // alice: a 3-turn conversation and a 1-turn one; bob: one turn with a big model.
+    let turns = [
+        ("alice", "s-1", "gpt-4o-mini", 1),
+        ("alice", "s-1", "gpt-4o-mini", 2),
+        ("alice", "s-1", "gpt-4o-mini", 3),
+        ("alice", "s-2", "gpt-4o-mini", 4),
+        ("bob", "s-3", "gpt-4o", 5),
+    ];
+    let mut ids = Vec::new();
+    let mut spans = Vec::new();
+    for (user, session, model, second) in turns {
+        let (t, mut trace) = llm_trace(user, "chat", model, (1000, 100), 300, false);
+        trace[0].attributes.push(kv("session.id", session));
+        for s in &mut trace {
+            s.start_time_unix_nano += second * 1_000_000_000;
+            s.end_time_unix_nano += second * 1_000_000_000;
+        }
+        ids.push(hex(&t));
+        spans.extend(trace);
+    }
+    client.export(request("chat", spans)).await.unwrap();
+
+    let (status, sessions) = loupe.get("/api/v1/sessions?since=1h").await;
+    assert_eq!(status, 200, "{sessions}");
+    let list = sessions["sessions"].as_array().unwrap();
+    let order: Vec<&str> = list.iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        order,
+        ["s-3", "s-2", "s-1"],
+        "most recent first: {sessions}"
+    );
+    let s1 = &list[2];
+    assert_eq!(s1["user_id"], "alice");
+    assert_eq!(s1["traces"], 3);
+    assert_eq!(s1["input_tokens"], 3000);
+    let (_, mine) = loupe.get("/api/v1/sessions?since=1h&user_id=alice").await;
+    assert_eq!(mine["sessions"].as_array().unwrap().len(), 2, "{mine}");
+
+    // A session's turns, oldest first.
+    let (status, s) = loupe.get("/api/v1/sessions/s-1?since=1h").await;
+    assert_eq!(status, 200, "{s}");
+    let turns: Vec<&str> = s["traces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["trace_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(turns, [ids[0].as_str(), ids[1].as_str(), ids[2].as_str()]);
+    let (status, _) = loupe.get("/api/v1/sessions/nope?since=1h").await;
+    assert_eq!(status, 404);
+
+    // Users by cost: bob's one gpt-4o call costs more than alice's four mini calls.
+    let (status, users) = loupe.get("/api/v1/users?since=1h").await;
+    assert_eq!(status, 200, "{users}");
+    let list = users["users"].as_array().unwrap();
+    assert_eq!(list[0]["id"], "bob", "{users}");
+    assert!(close(
+        list[0]["cost_usd"].as_f64().unwrap(),
+        price("gpt-4o", 1000, 100)
+    ));
+    assert_eq!(list[1]["id"], "alice");
+    assert_eq!(list[1]["traces"], 4);
+    assert_eq!(list[1]["sessions"], 2);
+    let (_, by_traces) = loupe.get("/api/v1/users?since=1h&order=traces").await;
+    assert_eq!(by_traces["users"][0]["id"], "alice");
+    let (status, err) = loupe.get("/api/v1/users?order=colour").await;
+    assert_eq!(status, 400, "{err}");
+}
