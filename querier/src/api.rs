@@ -77,6 +77,7 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
         .route("/api/v1/users", get(list_users))
         .route("/api/v1/scores", get(list_scores))
         .route("/api/v1/scores/metrics", get(score_metrics))
+        .route("/api/v1/openapi.json", get(openapi))
         .with_state(Arc::new(ApiState {
             engine,
             auth,
@@ -193,11 +194,7 @@ async fn compare(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let tenant = state.tenant(&headers)?;
-    for k in params.keys() {
-        if k != "a" && k != "b" {
-            return Err(bad(format!("unknown parameter {k:?}; accepted: a, b")));
-        }
-    }
+    check_params(&params, &["a", "b"])?;
     let id = |k: &str| -> Result<[u8; 16], ApiError> {
         let v = params
             .get(k)
@@ -259,10 +256,9 @@ async fn list_groups(
     by: crate::sessions::GroupBy,
 ) -> Result<Response, ApiError> {
     use crate::sessions::{GroupBy, GroupQuery, Order};
-    const ACCEPTED: [&str; 6] = ["start", "end", "since", "user_id", "order", "limit"];
     let started = Instant::now();
     let tenant = state.tenant(&headers)?;
-    check_params(&params, &ACCEPTED)?;
+    check_params(&params, &crate::openapi::GROUP_PARAMS)?;
     let (start_ns, end_ns) = parse_range(&params, now_ns())?;
     let get = |k: &str| params.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let order = match get("order") {
@@ -299,10 +295,9 @@ async fn session_traces(
     Path(session_id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    const ACCEPTED: [&str; 4] = ["start", "end", "since", "limit"];
     let started = Instant::now();
     let tenant = state.tenant(&headers)?;
-    check_params(&params, &ACCEPTED)?;
+    check_params(&params, &crate::openapi::SESSION_PARAMS)?;
     let (start_ns, end_ns) = parse_range(&params, now_ns())?;
     let query = SearchQuery {
         start_ns,
@@ -325,6 +320,17 @@ async fn session_traces(
         axum::Json(serde_json::json!({ "session_id": session_id, "traces": traces }))
             .into_response(),
     )
+}
+
+/// The OpenAPI document; public, like the shape of any API.
+async fn openapi() -> Response {
+    static DOCUMENT: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| crate::openapi::document().to_string());
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
+    )
+        .into_response()
 }
 
 async fn tempo_echo(
@@ -512,12 +518,9 @@ async fn list_scores(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    const ACCEPTED: [&str; 7] = [
-        "start", "end", "since", "trace_id", "name", "source", "limit",
-    ];
     let started = Instant::now();
     let tenant = state.tenant(&headers)?;
-    check_params(&params, &ACCEPTED)?;
+    check_params(&params, &crate::openapi::SCORE_LIST_PARAMS)?;
     let (start_ns, end_ns) = parse_range(&params, now_ns())?;
     let get = |k: &str| params.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let query = crate::scores::ScoreQuery {
@@ -540,10 +543,9 @@ async fn score_metrics(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    const ACCEPTED: [&str; 5] = ["start", "end", "since", "step", "name"];
     let started = Instant::now();
     let tenant = state.tenant(&headers)?;
-    check_params(&params, &ACCEPTED)?;
+    check_params(&params, &crate::openapi::SCORE_METRICS_PARAMS)?;
     let (start_ns, end_ns) = parse_range(&params, now_ns())?;
     let step_ns =
         crate::stats::parse_step(params.get("step").map(String::as_str), (start_ns, end_ns))

@@ -53,7 +53,7 @@ const COST_EPSILON_USD: f64 = 1e-12;
 const ELIDED: &str = "…/";
 
 /// The comparison of trace `a` with trace `b`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct Comparison {
     pub a: TraceSide,
     pub b: TraceSide,
@@ -67,7 +67,7 @@ pub struct Comparison {
 }
 
 /// The totals of one of the compared traces.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct TraceSide {
     pub trace_id: String,
     pub root_name: String,
@@ -79,7 +79,7 @@ pub struct TraceSide {
 }
 
 /// Trace totals of `b` minus those of `a`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct TotalsDiff {
     pub duration_ms: f64,
     pub total_tokens: i64,
@@ -88,7 +88,7 @@ pub struct TotalsDiff {
 }
 
 /// A span present in both traces, and how its two versions differ.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct AlignedSpan {
     pub path: String,
     pub a_span_id: String,
@@ -103,7 +103,7 @@ pub struct AlignedSpan {
 }
 
 /// A compared field of a span.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, schemars::JsonSchema, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiffField {
     /// The response model, or the request model when no response model is known.
@@ -119,7 +119,7 @@ pub enum DiffField {
 }
 
 /// One field that differs between the two versions of an aligned span.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct Difference {
     pub field: DiffField,
     /// The value in `a` (`null` when absent; output text cut to [`MAX_TEXT_CHARS`]).
@@ -138,7 +138,7 @@ pub struct Difference {
 }
 
 /// Measures of two differing output texts.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq, Eq)]
 pub struct TextDiff {
     /// Full length of the text in `a`, in characters (0 when absent).
     pub a_chars: usize,
@@ -154,7 +154,7 @@ pub struct TextDiff {
 }
 
 /// A span present in only one of the traces.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct SpanRef {
     pub path: String,
     pub span_id: String,

@@ -83,7 +83,16 @@ pub struct SearchQuery {
 }
 
 /// What sampling left out of a query's range: the spans stored and the spans decided.
-#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    serde::Serialize,
+    schemars::JsonSchema,
+    serde::Deserialize,
+)]
 pub struct SamplingInfo {
     pub kept_spans: u64,
     pub seen_spans: u64,

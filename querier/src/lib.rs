@@ -6,6 +6,7 @@ pub mod compare;
 pub mod engine;
 pub mod index;
 pub mod model;
+pub mod openapi;
 pub mod prune;
 pub mod scores;
 pub mod sessions;

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One span of a trace, with its children nested (ordered by start).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct SpanNode {
     pub span_id: String,
     pub parent_span_id: Option<String>,
@@ -66,7 +66,7 @@ pub struct SpanNode {
 }
 
 /// A whole trace: totals and the span tree.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct TraceView {
     pub trace_id: String,
     #[serde(flatten)]
@@ -79,7 +79,7 @@ pub struct TraceView {
 }
 
 /// Totals of a trace, shared by the trace view and search results.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct TraceTotals {
     pub root_name: String,
     pub root_service: String,
@@ -96,7 +96,7 @@ pub struct TraceTotals {
 }
 
 /// One search hit.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct TraceSummary {
     pub trace_id: String,
     #[serde(flatten)]
@@ -104,7 +104,7 @@ pub struct TraceSummary {
 }
 
 /// The answer to a search.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct SearchResponse {
     pub traces: Vec<TraceSummary>,
     /// The time range searched (trace start), Unix nanoseconds.

@@ -14,7 +14,7 @@ use crate::engine::{QueryEngine, QueryError, SCORES, floats, hex, ints, strings}
 use crate::model::rfc3339;
 
 /// One score, as the API returns it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct ScoreView {
     pub id: String,
     pub trace_id: String,
@@ -170,7 +170,7 @@ pub struct ScoreQuery {
 }
 
 /// One bucket of a score's metrics.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct ScorePoint {
     pub time: String,
     pub time_ns: i64,
@@ -192,7 +192,7 @@ pub struct ScorePoint {
 }
 
 /// The metrics of one score name.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct ScoreSeries {
     pub name: String,
     pub data_type: String,
@@ -202,7 +202,7 @@ pub struct ScoreSeries {
     pub points: Vec<ScorePoint>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct ScoreMetrics {
     pub start: String,
     pub end: String,

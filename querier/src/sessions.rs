@@ -16,7 +16,7 @@ use crate::model::rfc3339;
 const TRACE_SLACK_NS: i64 = 3_600 * 1_000_000_000;
 
 /// Totals of the traces of one session or user.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct Group {
     /// The session id (sessions) or user id (users).
     pub id: String,

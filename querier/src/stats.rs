@@ -47,7 +47,19 @@ pub const DEFAULT_FEATURE_ATTRIBUTE: &str = "loupe.feature";
 const TRACE_SLACK_NS: i64 = 3_600 * 1_000_000_000;
 
 /// A dimension metrics can be grouped (and filtered) by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    schemars::JsonSchema,
+    Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Dimension {
     Model,
@@ -123,7 +135,7 @@ impl Dimension {
 }
 
 /// Rows the metrics are computed over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, schemars::JsonSchema, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     Span,
@@ -147,7 +159,7 @@ pub struct MetricsQuery {
 }
 
 /// Latency percentiles in milliseconds (approximate: t-digest).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct Latency {
     pub p50: Option<f64>,
     pub p95: Option<f64>,
@@ -155,7 +167,7 @@ pub struct Latency {
 }
 
 /// Values extrapolated to every span sampling decided on.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct Estimated {
     pub requests: f64,
     pub input_tokens: f64,
@@ -164,7 +176,7 @@ pub struct Estimated {
 }
 
 /// One time bucket of one group.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct Point {
     /// Start of the bucket.
     pub time: String,
@@ -181,7 +193,7 @@ pub struct Point {
 }
 
 /// The points of one group, oldest first, with their sums.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct Series {
     /// The group's value of each `group_by` dimension (`null` when unset).
     pub group: BTreeMap<String, Option<String>>,
@@ -195,7 +207,7 @@ pub struct Series {
 }
 
 /// How the stored rows relate to everything ingested.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct SamplingNote {
     /// Spans stored and spans decided in the blocks the query read.
     #[serde(flatten)]
@@ -206,7 +218,7 @@ pub struct SamplingNote {
 }
 
 /// The answer to a metrics query.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
 pub struct MetricsResponse {
     pub level: Level,
     pub start: String,

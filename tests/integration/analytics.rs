@@ -511,3 +511,40 @@ async fn sessions_list_their_turns_in_order_and_users_their_totals() {
     let (status, err) = loupe.get("/api/v1/users?order=colour").await;
     assert_eq!(status, 400, "{err}");
 }
+
+#[tokio::test]
+async fn every_route_of_the_openapi_document_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let loupe = Loupe::start(dir.path(), &[]);
+    let mut client = loupe.grpc_client().await;
+    let (t, mut spans) = llm_trace("gina", "chat", "gpt-4o-mini", (10, 1), 100, false);
+    spans[0].attributes.push(kv("session.id", "s-9"));
+    client.export(request("chat", spans)).await.unwrap();
+
+    let (status, doc) = loupe.get("/api/v1/openapi.json").await;
+    assert_eq!(status, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 19, "{}", paths.len());
+    for (path, ops) in paths {
+        if ops.get("get").is_none() {
+            continue;
+        }
+        let url = path
+            .replace("{trace_id}", &hex(&t))
+            .replace("{session_id}", "s-9")
+            .replace("{tag}", "name");
+        let url = if path == "/api/v1/compare" {
+            format!("{url}?a={0}&b={0}", hex(&t))
+        } else if url.starts_with("/api/v1/")
+            && !url.ends_with("openapi.json")
+            && !url.contains(&hex(&t))
+        {
+            format!("{url}?since=1h")
+        } else {
+            url
+        };
+        let r = reqwest::get(format!("{}{url}", loupe.query)).await.unwrap();
+        assert_eq!(r.status(), 200, "GET {url}: {}", r.text().await.unwrap());
+    }
+}
