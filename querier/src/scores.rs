@@ -496,10 +496,12 @@ mod tests {
     #[test]
     fn score_filter_values_are_parameters() {
         let mut params = vec![ScalarValue::Int64(Some(0))];
-        let f = parse_score_filters("x' OR 1=1 --<0.5").unwrap();
+        let f = parse_score_filters("x'); DROP TABLE t; --<0.5").unwrap();
+        assert_eq!(f[0].name, "x'); DROP TABLE t; --");
         let sql = score_filter_sql(&f, &mut params);
-        assert!(!sql.contains("OR 1=1"));
+        assert!(!sql.contains("DROP"));
         assert!(sql.contains("name = $2 AND value < $3"), "{sql}");
+        assert_eq!(params[1], ScalarValue::Utf8(Some(f[0].name.clone())));
         assert_eq!(params.len(), 3);
     }
 }
