@@ -119,6 +119,23 @@ pub struct TenantConfig {
     /// Absent = kept until deleted by hand.
     #[serde(default, with = "humantime_serde")]
     pub retention: Option<std::time::Duration>,
+    /// Ingest rates of this project; beyond them exports are refused with
+    /// RESOURCE_EXHAUSTED / 429 and a retry hint. Absent = unlimited.
+    #[serde(default)]
+    pub rate_limits: Option<RateLimits>,
+}
+
+/// Per-project ingest rates. Each allows a burst of one second's worth (and at least
+/// one request of the largest allowed size).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Spans accepted per second.
+    #[serde(default)]
+    pub spans_per_second: Option<u32>,
+    /// Request bytes (decompressed) accepted per second.
+    #[serde(default)]
+    pub bytes_per_second: Option<u32>,
 }
 
 /// The data-plane configuration file.
@@ -161,6 +178,19 @@ impl DataPlaneConfig {
             })?;
             if let Some(sampling) = &t.sampling {
                 sampling.validate(&format!("tenants[{i}].sampling"))?;
+            }
+            if let Some(rl) = &t.rate_limits {
+                for (name, v) in [
+                    ("spans_per_second", rl.spans_per_second),
+                    ("bytes_per_second", rl.bytes_per_second),
+                ] {
+                    if v == Some(0) {
+                        return Err(Error::InvalidConfig {
+                            field: format!("tenants[{i}].rate_limits.{name}"),
+                            reason: "must be at least 1 (leave it out for no limit)".into(),
+                        });
+                    }
+                }
             }
             if let Some(r) = t.retention
                 && r < std::time::Duration::from_secs(3600)
@@ -237,5 +267,15 @@ mod tests {
         let dup = "tenants:\n  - id: a/b\n  - id: a/b\n";
         let err = DataPlaneConfig::from_yaml(dup).unwrap_err();
         assert!(err.to_string().contains("tenants[1].id"), "{err}");
+        let zero = "tenants:\n  - id: a/b\n    rate_limits: { spans_per_second: 0 }\n";
+        let err = DataPlaneConfig::from_yaml(zero).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("tenants[0].rate_limits.spans_per_second"),
+            "{err}"
+        );
+        let typo = "tenants:\n  - id: a/b\n    rate_limits: { spans_per_sec: 5 }\n";
+        let err = DataPlaneConfig::from_yaml(typo).unwrap_err();
+        assert!(err.to_string().contains("spans_per_sec"), "{err}");
     }
 }

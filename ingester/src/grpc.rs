@@ -32,12 +32,18 @@ pub fn status(err: &IngestError) -> Status {
         IngestError::Unauthenticated(_) => Status::unauthenticated(msg),
         IngestError::PermissionDenied(_) => Status::permission_denied(msg),
         IngestError::Internal(_) => Status::internal(msg),
+        IngestError::RateLimited { .. } => Status::resource_exhausted(msg),
     };
-    if matches!(err, IngestError::Unavailable(_)) {
+    let pushback = match err {
+        IngestError::Unavailable(_) => Some(RETRY_AFTER),
+        IngestError::RateLimited { retry_after, .. } => Some(*retry_after),
+        _ => None,
+    };
+    if let Some(wait) = pushback {
         status.metadata_mut().insert(
             "grpc-retry-pushback-ms",
-            RETRY_AFTER
-                .as_millis()
+            wait.as_millis()
+                .max(1)
                 .to_string()
                 .parse()
                 .expect("ascii digits"),

@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -97,6 +98,7 @@ fn error_response(encoding: Encoding, err: &IngestError) -> Response {
         IngestError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, 16),
         IngestError::PermissionDenied(_) => (StatusCode::FORBIDDEN, 7),
         IngestError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, 13),
+        IngestError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, 8),
     };
     let status = RpcStatus {
         code: grpc,
@@ -112,10 +114,18 @@ fn error_response(encoding: Encoding, err: &IngestError) -> Response {
         body,
     )
         .into_response();
-    if matches!(err, IngestError::Unavailable(_)) {
+    let retry_after = match err {
+        IngestError::Unavailable(_) => Some(RETRY_AFTER),
+        // Retry-After counts whole seconds: round up.
+        IngestError::RateLimited { retry_after, .. } => {
+            Some(*retry_after + Duration::from_millis(999))
+        }
+        _ => None,
+    };
+    if let Some(wait) = retry_after {
         response.headers_mut().insert(
             header::RETRY_AFTER,
-            HeaderValue::from(RETRY_AFTER.as_secs().max(1)),
+            HeaderValue::from(wait.as_secs().max(1)),
         );
     }
     response

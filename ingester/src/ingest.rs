@@ -6,7 +6,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use loupe_core::TenantId;
-use loupe_core::config::{DataPlaneConfig, Limits};
+use std::num::NonZeroU32;
+
+use loupe_core::config::{DataPlaneConfig, Limits, RateLimits};
 use loupe_core::keys::{AccessControl, AuthError, Scope};
 use loupe_core::normalize::{NormalizeOptions, Normalized, normalize_request};
 use loupe_core::pricing::{PriceBook, PriceOutcome};
@@ -72,6 +74,8 @@ pub enum IngestError {
     /// Details are logged, never sent to the client.
     #[error("internal error")]
     Internal(String),
+    #[error("the project's {what} rate limit is exceeded; retry in {retry_after:?}")]
+    RateLimited { what: String, retry_after: Duration },
 }
 
 impl IngestError {
@@ -83,6 +87,7 @@ impl IngestError {
             IngestError::Unauthenticated(_) => "unauthenticated",
             IngestError::PermissionDenied(_) => "permission_denied",
             IngestError::Internal(_) => "internal",
+            IngestError::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -91,6 +96,68 @@ impl IngestError {
 struct TenantRuntime {
     pricing: Arc<PriceBook>,
     normalize: NormalizeOptions,
+    limiter: Option<Arc<TenantLimiter>>,
+}
+
+type Limiter = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    governor::clock::DefaultClock,
+>;
+
+/// A project's ingest rates (GCRA token buckets, `governor`). Kept across config
+/// reloads while the project's limits stay the same.
+struct TenantLimiter {
+    config: RateLimits,
+    clock: governor::clock::DefaultClock,
+    spans: Option<Limiter>,
+    bytes: Option<Limiter>,
+}
+
+impl TenantLimiter {
+    fn new(config: &RateLimits, max_request_bytes: usize) -> TenantLimiter {
+        let clock = governor::clock::DefaultClock::default();
+        // A burst of one second's worth, and room for one request of the largest size.
+        let limiter = |rate: Option<u32>, min_burst: u32| {
+            let rate = NonZeroU32::new(rate?)?;
+            let burst = NonZeroU32::new(rate.get().max(min_burst)).unwrap_or(rate);
+            Some(Limiter::direct_with_clock(
+                governor::Quota::per_second(rate).allow_burst(burst),
+                clock.clone(),
+            ))
+        };
+        TenantLimiter {
+            config: config.clone(),
+            spans: limiter(config.spans_per_second, 1),
+            bytes: limiter(
+                config.bytes_per_second,
+                u32::try_from(max_request_bytes).unwrap_or(u32::MAX),
+            ),
+            clock,
+        }
+    }
+
+    /// Takes `n` units from a bucket, or says how long to wait.
+    fn take(&self, limiter: &Option<Limiter>, n: usize, what: &str) -> Result<(), IngestError> {
+        use governor::clock::Clock as _;
+        let Some(limiter) = limiter else {
+            return Ok(());
+        };
+        let Some(n) = u32::try_from(n).ok().and_then(NonZeroU32::new) else {
+            return Ok(());
+        };
+        match limiter.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(IngestError::RateLimited {
+                what: what.to_owned(),
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            }),
+            Err(_) => Err(IngestError::RateLimited {
+                what: format!("{what} (this request alone exceeds the burst: split it)"),
+                retry_after: Duration::from_secs(1),
+            }),
+        }
+    }
 }
 
 /// A decoded, normalized and priced request.
@@ -125,7 +192,12 @@ struct IngestState {
 }
 
 impl IngestState {
-    fn new(config: &DataPlaneConfig) -> Result<IngestState, loupe_core::Error> {
+    /// The state of a config; limiters of projects whose limits did not change are
+    /// taken over from `previous`, so a reload does not refill their buckets.
+    fn new(
+        config: &DataPlaneConfig,
+        previous: Option<&IngestState>,
+    ) -> Result<IngestState, loupe_core::Error> {
         let normalize = |env: Option<&str>| NormalizeOptions {
             max_attribute_bytes: config.limits.max_attribute_bytes,
             max_io_bytes: config.limits.max_io_bytes,
@@ -138,11 +210,21 @@ impl IngestState {
             } else {
                 Arc::new(PriceBook::with_overrides(t.pricing.clone())?)
             };
+            let limiter = t.rate_limits.as_ref().map(|limits| {
+                previous
+                    .and_then(|p| p.tenants.get(&t.id))
+                    .and_then(|rt| rt.limiter.clone())
+                    .filter(|l| &l.config == limits)
+                    .unwrap_or_else(|| {
+                        Arc::new(TenantLimiter::new(limits, config.limits.max_request_bytes))
+                    })
+            });
             tenants.insert(
                 t.id.clone(),
                 TenantRuntime {
                     pricing,
                     normalize: normalize(Some(t.environment.as_str())),
+                    limiter,
                 },
             );
         }
@@ -152,6 +234,7 @@ impl IngestState {
             default_tenant: TenantRuntime {
                 pricing: PriceBook::builtin(),
                 normalize: normalize(None),
+                limiter: None,
             },
         })
     }
@@ -175,7 +258,7 @@ impl Ingest {
         Ok(Ingest {
             sink,
             access,
-            state: RwLock::new(Arc::new(IngestState::new(config)?)),
+            state: RwLock::new(Arc::new(IngestState::new(config, None)?)),
             metrics,
         })
     }
@@ -183,8 +266,8 @@ impl Ingest {
     /// Takes the limits, environments and prices of a new (validated) config. Keys
     /// are reloaded by whoever owns the [`AccessControl`].
     pub fn reload(&self, config: &DataPlaneConfig) -> Result<(), loupe_core::Error> {
-        let state = Arc::new(IngestState::new(config)?);
-        *self.state.write().expect("ingest state lock") = state;
+        let mut slot = self.state.write().expect("ingest state lock");
+        *slot = Arc::new(IngestState::new(config, Some(&slot))?);
         Ok(())
     }
 
@@ -263,6 +346,9 @@ impl Ingest {
     ) -> Result<ExportTraceServiceResponse, IngestError> {
         let state = self.state();
         let rt = state.tenants.get(tenant).unwrap_or(&state.default_tenant);
+        if let Some(l) = &rt.limiter {
+            l.take(&l.bytes, payload.len(), "bytes per second")?;
+        }
         let Prepared {
             normalized,
             unpriced,
@@ -290,6 +376,9 @@ impl Ingest {
         let message = describe_rejections(&normalized.rejected);
         if normalized.spans.is_empty() && rejected > 0 {
             return Err(IngestError::InvalidArgument(message));
+        }
+        if let Some(l) = &rt.limiter {
+            l.take(&l.spans, normalized.spans.len(), "spans per second")?;
         }
         if unpriced > 0 {
             m.spans_unpriced.inc_by(unpriced);

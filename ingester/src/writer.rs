@@ -634,6 +634,7 @@ mod tests {
             sampling: Some(policy),
             keys: Vec::new(),
             retention: None,
+            rate_limits: None,
         });
         Arc::new(SamplingRules::from_config(&cfg))
     }

@@ -428,3 +428,75 @@ async fn keys_new_prints_a_key_and_the_config_line_that_admits_it() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid tenant id"));
 }
+
+#[tokio::test]
+async fn a_project_over_its_rate_limit_is_told_to_retry_and_others_are_not() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (limited, free) = (Keys::new(), Keys::new());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tenants:\n{}    rate_limits: {{ spans_per_second: 10 }}\n{}",
+            limited.yaml("ns/limited", "prod"),
+            free.yaml("ns/free", "prod")
+        ),
+    )
+    .unwrap();
+    let loupe = Loupe::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    // Two spans a trace: a burst of 10 spans admits five exports at once; twenty
+    // more spans would need two more seconds.
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for _ in 0..15 {
+        let (_, req) = simple_trace("svc", "u");
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/traces", loupe.http))
+            .header("content-type", "application/x-protobuf")
+            .bearer_auth(&limited.ingest)
+            .body(req.encode_to_vec())
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 && refusal.is_none() {
+            let retry = r.headers()["retry-after"].to_str().unwrap().to_owned();
+            refusal = Some((retry, r.text().await.unwrap()));
+        }
+    }
+    assert_eq!(statuses[..5], [200; 5], "{statuses:?}");
+    assert!(statuses[5..].contains(&429), "{statuses:?}");
+    let (retry, body) = refusal.unwrap();
+    assert!(retry.parse::<u64>().unwrap() >= 1, "{retry}");
+    assert!(body.contains("spans per second rate limit"), "{body}");
+
+    // gRPC says RESOURCE_EXHAUSTED with a pushback hint.
+    let (_, req) = simple_trace("svc", "u");
+    let mut request = tonic::Request::new(req);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", limited.ingest).parse().unwrap(),
+    );
+    let err = loupe.grpc_client().await.export(request).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.metadata().get("grpc-retry-pushback-ms").is_some());
+
+    // Another project is not limited.
+    for _ in 0..8 {
+        let (status, _, body) = export(&loupe, Some(&free.ingest), "svc").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Refusals are counted.
+    let m = loupe.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "loupe_ingest_requests_rejected_total{protocol=\"http\",reason=\"rate_limited\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+}
