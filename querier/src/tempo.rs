@@ -83,7 +83,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     ResourceSpans, ScopeSpans, Span, Status, TracesData, span, status,
 };
 use prost::Message;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::api::{DEFAULT_LIMIT, DEFAULT_LOOKBACK, MAX_LIMIT, parse_duration, parse_time};
 use crate::engine::{SearchQuery, StatusFilter};
@@ -1255,9 +1255,9 @@ pub fn trace_v2_protobuf(view: &TraceView) -> Vec<u8> {
 // Traces as JSON
 // ---------------------------------------------------------------------------------------
 //
-// Written by hand from the OTLP messages because Tempo prints gogo `jsonpb` (ids in
-// base64, enums by name), while opentelemetry-proto's serde follows OTLP/JSON (ids in
-// hex, enums as integers).
+// opentelemetry-proto's serde writes OTLP/JSON (ids in hex, enums as integers); Tempo
+// prints gogo `jsonpb` (ids in base64, enums by name, default values left out).
+// `to_jsonpb` turns the one into the other.
 
 /// The body of `GET /api/traces/<id>` as JSON: `{"batches": [ResourceSpans...]}` in
 /// OTLP/JSON as Tempo prints it (ids in base64, times as decimal strings of Unix
@@ -1281,188 +1281,73 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn put(m: &mut Map<String, Value>, key: &str, value: impl Into<Value>) {
-    m.insert(key.to_owned(), value.into());
-}
-
 fn resource_spans_json(resource_spans: &[ResourceSpans]) -> Vec<Value> {
-    resource_spans.iter().map(resource_json).collect()
+    resource_spans
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).expect("OTLP messages serialize");
+            to_jsonpb(&mut v);
+            v
+        })
+        .collect()
 }
 
-fn resource_json(r: &ResourceSpans) -> Value {
-    let mut m = Map::new();
-    if let Some(res) = &r.resource {
-        let mut resource = Map::new();
-        put(
-            &mut resource,
-            "attributes",
-            key_values_json(&res.attributes),
-        );
-        if res.dropped_attributes_count != 0 {
-            put(
-                &mut resource,
-                "droppedAttributesCount",
-                res.dropped_attributes_count,
-            );
-        }
-        put(&mut m, "resource", resource);
+/// The members of `AnyValue`'s oneof: jsonpb prints them even when they hold a
+/// default (`""`, `0`, `false`), since which one is set is the value's type.
+const ANY_VALUE_KEYS: [&str; 7] = [
+    "stringValue",
+    "boolValue",
+    "intValue",
+    "doubleValue",
+    "arrayValue",
+    "kvlistValue",
+    "bytesValue",
+];
+
+fn is_default(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::Array(a) => a.is_empty(),
+        Value::Bool(b) => !b,
+        Value::Object(_) => false,
     }
-    put(
-        &mut m,
-        "scopeSpans",
-        r.scope_spans.iter().map(scope_json).collect::<Vec<_>>(),
-    );
-    if !r.schema_url.is_empty() {
-        put(&mut m, "schemaUrl", r.schema_url.as_str());
-    }
-    Value::Object(m)
 }
 
-fn scope_json(s: &ScopeSpans) -> Value {
-    let mut m = Map::new();
-    if let Some(sc) = &s.scope {
-        let mut scope = Map::new();
-        if !sc.name.is_empty() {
-            put(&mut scope, "name", sc.name.as_str());
+/// Rewrites OTLP/JSON in place as jsonpb: ids (`traceId`, `spanId`, `parentSpanId`)
+/// from hex to base64, span `kind` and status `code` by name, and fields holding
+/// their default left out (but the members of an `AnyValue`). Attribute keys are
+/// values of `"key"`, never object keys, so they are untouched.
+fn to_jsonpb(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|k, v| ANY_VALUE_KEYS.contains(&k.as_str()) || !is_default(v));
+            for (k, child) in m.iter_mut() {
+                match (k.as_str(), &*child) {
+                    ("traceId" | "spanId" | "parentSpanId", Value::String(h)) => {
+                        *child = Value::String(b64(&unhex(h).unwrap_or_default()));
+                    }
+                    ("kind", Value::Number(n)) => {
+                        let kind = n
+                            .as_i64()
+                            .and_then(|n| span::SpanKind::try_from(n as i32).ok())
+                            .unwrap_or(span::SpanKind::Unspecified);
+                        *child = Value::String(kind.as_str_name().into());
+                    }
+                    ("code", Value::Number(n)) => {
+                        let code = n
+                            .as_i64()
+                            .and_then(|n| status::StatusCode::try_from(n as i32).ok())
+                            .unwrap_or(status::StatusCode::Unset);
+                        *child = Value::String(code.as_str_name().into());
+                    }
+                    _ => to_jsonpb(child),
+                }
+            }
         }
-        if !sc.version.is_empty() {
-            put(&mut scope, "version", sc.version.as_str());
-        }
-        if !sc.attributes.is_empty() {
-            put(&mut scope, "attributes", key_values_json(&sc.attributes));
-        }
-        if sc.dropped_attributes_count != 0 {
-            put(
-                &mut scope,
-                "droppedAttributesCount",
-                sc.dropped_attributes_count,
-            );
-        }
-        put(&mut m, "scope", scope);
-    }
-    put(
-        &mut m,
-        "spans",
-        s.spans.iter().map(span_json).collect::<Vec<_>>(),
-    );
-    if !s.schema_url.is_empty() {
-        put(&mut m, "schemaUrl", s.schema_url.as_str());
-    }
-    Value::Object(m)
-}
-
-fn span_json(s: &Span) -> Value {
-    let mut m = Map::new();
-    put(&mut m, "traceId", b64(&s.trace_id));
-    put(&mut m, "spanId", b64(&s.span_id));
-    if !s.parent_span_id.is_empty() {
-        put(&mut m, "parentSpanId", b64(&s.parent_span_id));
-    }
-    if !s.trace_state.is_empty() {
-        put(&mut m, "traceState", s.trace_state.as_str());
-    }
-    if s.flags != 0 {
-        put(&mut m, "flags", s.flags);
-    }
-    put(&mut m, "name", s.name.as_str());
-    put(&mut m, "kind", s.kind().as_str_name());
-    put(
-        &mut m,
-        "startTimeUnixNano",
-        s.start_time_unix_nano.to_string(),
-    );
-    put(&mut m, "endTimeUnixNano", s.end_time_unix_nano.to_string());
-    put(&mut m, "attributes", key_values_json(&s.attributes));
-    if s.dropped_attributes_count != 0 {
-        put(&mut m, "droppedAttributesCount", s.dropped_attributes_count);
-    }
-    if !s.events.is_empty() {
-        put(
-            &mut m,
-            "events",
-            s.events.iter().map(event_json).collect::<Vec<_>>(),
-        );
-    }
-    if s.dropped_events_count != 0 {
-        put(&mut m, "droppedEventsCount", s.dropped_events_count);
-    }
-    if !s.links.is_empty() {
-        put(
-            &mut m,
-            "links",
-            s.links.iter().map(link_json).collect::<Vec<_>>(),
-        );
-    }
-    if s.dropped_links_count != 0 {
-        put(&mut m, "droppedLinksCount", s.dropped_links_count);
-    }
-    if let Some(st) = &s.status {
-        let mut status = Map::new();
-        if !st.message.is_empty() {
-            put(&mut status, "message", st.message.as_str());
-        }
-        put(&mut status, "code", st.code().as_str_name());
-        put(&mut m, "status", status);
-    }
-    Value::Object(m)
-}
-
-fn event_json(e: &span::Event) -> Value {
-    let mut m = Map::new();
-    put(&mut m, "timeUnixNano", e.time_unix_nano.to_string());
-    put(&mut m, "name", e.name.as_str());
-    put(&mut m, "attributes", key_values_json(&e.attributes));
-    if e.dropped_attributes_count != 0 {
-        put(&mut m, "droppedAttributesCount", e.dropped_attributes_count);
-    }
-    Value::Object(m)
-}
-
-fn link_json(l: &span::Link) -> Value {
-    let mut m = Map::new();
-    put(&mut m, "traceId", b64(&l.trace_id));
-    put(&mut m, "spanId", b64(&l.span_id));
-    if !l.trace_state.is_empty() {
-        put(&mut m, "traceState", l.trace_state.as_str());
-    }
-    put(&mut m, "attributes", key_values_json(&l.attributes));
-    if l.dropped_attributes_count != 0 {
-        put(&mut m, "droppedAttributesCount", l.dropped_attributes_count);
-    }
-    if l.flags != 0 {
-        put(&mut m, "flags", l.flags);
-    }
-    Value::Object(m)
-}
-
-fn key_values_json(kvs: &[KeyValue]) -> Value {
-    Value::Array(
-        kvs.iter()
-            .map(|kv| {
-                let value = kv.value.as_ref().map_or_else(|| json!({}), any_value_json);
-                json!({ "key": kv.key, "value": value })
-            })
-            .collect(),
-    )
-}
-
-/// An `AnyValue` in OTLP/JSON: `intValue` as a decimal string, `bytesValue` in base64,
-/// an empty object for an empty value.
-fn any_value_json(v: &AnyValue) -> Value {
-    match &v.value {
-        None | Some(any_value::Value::StringValueStrindex(_)) => json!({}),
-        Some(any_value::Value::StringValue(s)) => json!({ "stringValue": s }),
-        Some(any_value::Value::BoolValue(b)) => json!({ "boolValue": b }),
-        Some(any_value::Value::IntValue(i)) => json!({ "intValue": i.to_string() }),
-        Some(any_value::Value::DoubleValue(d)) => json!({ "doubleValue": d }),
-        Some(any_value::Value::ArrayValue(a)) => {
-            let values: Vec<Value> = a.values.iter().map(any_value_json).collect();
-            json!({ "arrayValue": { "values": values } })
-        }
-        Some(any_value::Value::KvlistValue(kvs)) => {
-            json!({ "kvlistValue": { "values": key_values_json(&kvs.values) } })
-        }
-        Some(any_value::Value::BytesValue(b)) => json!({ "bytesValue": b64(b) }),
+        Value::Array(items) => items.iter_mut().for_each(to_jsonpb),
+        _ => {}
     }
 }
 
@@ -1804,10 +1689,14 @@ mod tests {
                 values: vec![to_key_value("k", &json!(["v"]))],
             }))
         );
-        assert_eq!(
-            any_value_json(&any(any_value::Value::BytesValue(b"foo".to_vec()))),
-            json!({ "bytesValue": "Zm9v" })
-        );
+        let kv = KeyValue {
+            key: "k".into(),
+            value: Some(any(any_value::Value::BytesValue(b"foo".to_vec()))),
+            ..Default::default()
+        };
+        let mut kv = serde_json::to_value(&kv).unwrap();
+        to_jsonpb(&mut kv);
+        assert_eq!(kv["value"], json!({ "bytesValue": "Zm9v" }));
     }
 
     #[test]
