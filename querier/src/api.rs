@@ -61,20 +61,44 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
         // Grafana's Tempo data source (see `crate::tempo`).
         .route("/api/echo", get(tempo_echo))
         .route("/api/status/buildinfo", get(tempo_buildinfo))
-        .route("/api/traces/{trace_id}", get(tempo_trace_v1))
-        .route("/api/v2/traces/{trace_id}", get(tempo_trace_v2))
+        .route(
+            "/api/traces/{trace_id}",
+            get(|s, h, id| tempo_trace(s, h, id, false)),
+        )
+        .route(
+            "/api/v2/traces/{trace_id}",
+            get(|s, h, id| tempo_trace(s, h, id, true)),
+        )
         .route("/api/search", get(tempo_search))
-        .route("/api/search/tags", get(tempo_tags_v1))
-        .route("/api/v2/search/tags", get(tempo_tags_v2))
-        .route("/api/search/tag/{tag}/values", get(tempo_values_v1))
-        .route("/api/v2/search/tag/{tag}/values", get(tempo_values_v2))
+        .route(
+            "/api/search/tags",
+            get(|s, h, q| async move { tempo_tags(s, h, q, false) }),
+        )
+        .route(
+            "/api/v2/search/tags",
+            get(|s, h, q| async move { tempo_tags(s, h, q, true) }),
+        )
+        .route(
+            "/api/search/tag/{tag}/values",
+            get(|s, h, t, q| tempo_values(s, h, t, q, false)),
+        )
+        .route(
+            "/api/v2/search/tag/{tag}/values",
+            get(|s, h, t, q| tempo_values(s, h, t, q, true)),
+        )
         .route("/api/v1/traces", get(search))
         .route("/api/v1/traces/{trace_id}", get(trace))
         .route("/api/v1/metrics", get(llm_metrics))
         .route("/api/v1/compare", get(compare))
-        .route("/api/v1/sessions", get(list_sessions))
+        .route(
+            "/api/v1/sessions",
+            get(|s, h, q| list_groups(s, h, q, crate::sessions::GroupBy::Session)),
+        )
         .route("/api/v1/sessions/{session_id}", get(session_traces))
-        .route("/api/v1/users", get(list_users))
+        .route(
+            "/api/v1/users",
+            get(|s, h, q| list_groups(s, h, q, crate::sessions::GroupBy::User)),
+        )
         .route("/api/v1/scores", get(list_scores))
         .route("/api/v1/scores/metrics", get(score_metrics))
         .route("/api/v1/openapi.json", get(openapi))
@@ -232,22 +256,6 @@ async fn compare(
     Ok(axum::Json(comparison).into_response())
 }
 
-async fn list_sessions(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    params: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    list_groups(state, headers, params, crate::sessions::GroupBy::Session).await
-}
-
-async fn list_users(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    params: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    list_groups(state, headers, params, crate::sessions::GroupBy::User).await
-}
-
 /// Sessions (most recent first) or users (most expensive first) with their totals.
 async fn list_groups(
     State(state): State<Arc<ApiState>>,
@@ -346,22 +354,6 @@ async fn tempo_buildinfo() -> Response {
     axum::Json(crate::tempo::buildinfo_json(env!("CARGO_PKG_VERSION"))).into_response()
 }
 
-async fn tempo_trace_v1(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    trace_id: Path<String>,
-) -> Result<Response, ApiError> {
-    tempo_trace(state, headers, trace_id, false).await
-}
-
-async fn tempo_trace_v2(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    trace_id: Path<String>,
-) -> Result<Response, ApiError> {
-    tempo_trace(state, headers, trace_id, true).await
-}
-
 /// A trace the way Tempo answers: protobuf when asked (Grafana), else Tempo's JSON.
 /// Query parameters (`start`, `end`, span pruning) are accepted and have no effect.
 async fn tempo_trace(
@@ -416,22 +408,6 @@ async fn tempo_search(
     Ok(axum::Json(crate::tempo::search_json(&result?)).into_response())
 }
 
-async fn tempo_tags_v1(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    params: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    tempo_tags(state, headers, params, false)
-}
-
-async fn tempo_tags_v2(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    params: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    tempo_tags(state, headers, params, true)
-}
-
 /// The tags Loupe can search by (a fixed set: its columns); `q`, `start`, `end` and
 /// `limit` are accepted and have no effect.
 fn tempo_tags(
@@ -449,24 +425,6 @@ fn tempo_tags(
     }
     .map_err(bad)?;
     Ok(axum::Json(body).into_response())
-}
-
-async fn tempo_values_v1(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    tag: Path<String>,
-    params: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    tempo_values(state, headers, tag, params, false).await
-}
-
-async fn tempo_values_v2(
-    state: State<Arc<ApiState>>,
-    headers: HeaderMap,
-    tag: Path<String>,
-    params: Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    tempo_values(state, headers, tag, params, true).await
 }
 
 /// Values of a tag among spans in `start`..`end` (Unix seconds; the last 24 h by

@@ -339,15 +339,13 @@ impl QueryEngine {
         });
         let ctx = self.session(snapshot, None).await?;
         let id = ScalarValue::FixedSizeBinary(16, Some(trace_id.to_vec()));
-        let batches = ctx
-            .sql(
-                "SELECT * FROM blocks WHERE trace_id = $1 \
+        let batches = run(
+            &ctx,
+            "SELECT * FROM blocks WHERE trace_id = $1 \
                  UNION ALL SELECT * FROM head WHERE trace_id = $1",
-            )
-            .await?
-            .with_param_values(vec![id])?
-            .collect()
-            .await?;
+            vec![id],
+        )
+        .await?;
         let spans = rows_to_spans(&batches)?;
         if spans.is_empty() {
             return Ok(None);
@@ -380,16 +378,16 @@ impl QueryEngine {
                UNION ALL SELECT {column} FROM head WHERE start_ns >= $1 AND start_ns < $2) \
              WHERE {column} IS NOT NULL ORDER BY v LIMIT $3"
         );
-        let batches = ctx
-            .sql(&sql)
-            .await?
-            .with_param_values(vec![
+        let batches = run(
+            &ctx,
+            &sql,
+            vec![
                 ScalarValue::Int64(Some(start_ns)),
                 ScalarValue::Int64(Some(end_ns)),
                 ScalarValue::Int64(Some(limit as i64)),
-            ])?
-            .collect()
-            .await?;
+            ],
+        )
+        .await?;
         let mut out = Vec::new();
         for b in &batches {
             let v = strings(b, "v")?;
@@ -404,13 +402,7 @@ impl QueryEngine {
         tenant: &TenantId,
         q: &SearchQuery,
     ) -> Result<SearchResponse, QueryError> {
-        if q.end_ns <= q.start_ns {
-            return Err(QueryError::BadRequest(format!(
-                "empty time range: end ({}) is not after start ({})",
-                rfc3339(q.end_ns),
-                rfc3339(q.start_ns)
-            )));
-        }
+        check_range(q.start_ns, q.end_ns)?;
         let scan = (
             q.start_ns.saturating_sub(TRACE_SLACK_NS),
             q.end_ns.saturating_add(TRACE_SLACK_NS),
@@ -419,12 +411,7 @@ impl QueryEngine {
             .session(self.source.snapshot(tenant), Some(scan))
             .await?;
         let (sql, params) = search_sql(q, scan);
-        let batches = ctx
-            .sql(&sql)
-            .await?
-            .with_param_values(params)?
-            .collect()
-            .await?;
+        let batches = run(&ctx, &sql, params).await?;
         let mut traces = Vec::new();
         for b in &batches {
             let ids = b.column(0).as_fixed_size_binary();
@@ -613,16 +600,42 @@ pub(crate) fn floats(
         .clone())
 }
 
-fn opt_str(a: &ArrayRef, r: usize) -> Option<String> {
+/// Runs a query with its parameters and collects the result.
+pub(crate) async fn run(
+    ctx: &SessionContext,
+    sql: &str,
+    params: Vec<ScalarValue>,
+) -> Result<Vec<RecordBatch>, QueryError> {
+    Ok(ctx
+        .sql(sql)
+        .await?
+        .with_param_values(params)?
+        .collect()
+        .await?)
+}
+
+/// Refuses a range whose end is not after its start.
+pub(crate) fn check_range(start_ns: i64, end_ns: i64) -> Result<(), QueryError> {
+    if end_ns <= start_ns {
+        return Err(QueryError::BadRequest(format!(
+            "empty time range: end ({}) is not after start ({})",
+            rfc3339(end_ns),
+            rfc3339(start_ns)
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn opt_str(a: &ArrayRef, r: usize) -> Option<String> {
     let a = a.as_string::<i32>();
     (!a.is_null(r)).then(|| a.value(r).to_owned())
 }
 
-fn opt_i64(a: &arrow::array::Int64Array, r: usize) -> Option<i64> {
+pub(crate) fn opt_i64(a: &arrow::array::Int64Array, r: usize) -> Option<i64> {
     (!a.is_null(r)).then(|| a.value(r))
 }
 
-fn opt_f64(a: &arrow::array::Float64Array, r: usize) -> Option<f64> {
+pub(crate) fn opt_f64(a: &arrow::array::Float64Array, r: usize) -> Option<f64> {
     (!a.is_null(r)).then(|| a.value(r))
 }
 
@@ -826,43 +839,11 @@ mod tests {
 
     fn node(id: &str, parent: Option<&str>, start: i64) -> SpanNode {
         SpanNode {
-            span_id: id.into(),
-            parent_span_id: parent.map(Into::into),
-            name: format!("span-{id}"),
-            service_name: "svc".into(),
-            span_kind: "INTERNAL".into(),
-            llm_kind: "CHAIN".into(),
-            start_ns: start,
-            end_ns: start + 10,
-            duration_ms: 0.0,
-            status: "OK".into(),
-            status_message: None,
-            provider: None,
-            request_model: None,
-            response_model: None,
             input_tokens: Some(1),
             output_tokens: Some(2),
             total_tokens: Some(3),
-            cache_read_tokens: None,
-            reasoning_tokens: None,
-            cost_input_usd: None,
-            cost_output_usd: None,
             cost_total_usd: Some(0.5),
-            cost_source: None,
-            finish_reason: None,
-            user_id: None,
-            session_id: None,
-            prompt_name: None,
-            prompt_version: None,
-            environment: None,
-            input: None,
-            output: None,
-            attributes: serde_json::json!({}),
-            resource: serde_json::json!({}),
-            scope: serde_json::json!({}),
-            events: serde_json::json!([]),
-            links: serde_json::json!([]),
-            children: vec![],
+            ..SpanNode::test(id, parent, start, start + 10)
         }
     }
 

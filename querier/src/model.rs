@@ -65,6 +65,53 @@ pub struct SpanNode {
     pub children: Vec<SpanNode>,
 }
 
+#[cfg(test)]
+impl SpanNode {
+    /// A CHAIN span of service `svc` named `span-<id>`, with no LLM fields: the start
+    /// of a test's span.
+    pub(crate) fn test(id: &str, parent: Option<&str>, start_ns: i64, end_ns: i64) -> SpanNode {
+        SpanNode {
+            span_id: id.into(),
+            parent_span_id: parent.map(Into::into),
+            name: format!("span-{id}"),
+            service_name: "svc".into(),
+            span_kind: "INTERNAL".into(),
+            llm_kind: "CHAIN".into(),
+            start_ns,
+            end_ns,
+            duration_ms: ms(end_ns - start_ns),
+            status: "OK".into(),
+            status_message: None,
+            provider: None,
+            request_model: None,
+            response_model: None,
+            input_tokens: None,
+            output_tokens: None,
+            total_tokens: None,
+            cache_read_tokens: None,
+            reasoning_tokens: None,
+            cost_input_usd: None,
+            cost_output_usd: None,
+            cost_total_usd: None,
+            cost_source: None,
+            finish_reason: None,
+            user_id: None,
+            session_id: None,
+            prompt_name: None,
+            prompt_version: None,
+            environment: None,
+            input: None,
+            output: None,
+            attributes: serde_json::json!({}),
+            resource: serde_json::json!({}),
+            scope: serde_json::json!({}),
+            events: serde_json::json!([]),
+            links: serde_json::json!([]),
+            children: Vec::new(),
+        }
+    }
+}
+
 /// A whole trace: totals and the span tree.
 #[derive(Clone, Debug, Serialize, schemars::JsonSchema, Deserialize, PartialEq)]
 pub struct TraceView {

@@ -10,7 +10,9 @@ use datafusion::prelude::SessionContext;
 use loupe_core::TenantId;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{QueryEngine, QueryError, SCORES, floats, hex, ints, strings};
+use crate::engine::{
+    QueryEngine, QueryError, SCORES, check_range, floats, hex, ints, opt_f64, opt_str, run, strings,
+};
 use crate::model::rfc3339;
 
 /// One score, as the API returns it.
@@ -226,21 +228,17 @@ fn views(batches: &[RecordBatch]) -> Result<Vec<ScoreView>, QueryError> {
         );
         let value = floats(b, "value")?;
         let created = ints(b, "created_ns")?;
-        let text = |a: &arrow::array::ArrayRef, r: usize| {
-            let a = a.as_string::<i32>();
-            (!a.is_null(r)).then(|| a.value(r).to_owned())
-        };
         for r in 0..b.num_rows() {
             out.push(ScoreView {
-                id: text(&id, r).unwrap_or_default(),
+                id: opt_str(&id, r).unwrap_or_default(),
                 trace_id: hex(trace_ids.value(r)),
                 span_id: (!span_ids.is_null(r)).then(|| hex(span_ids.value(r))),
-                name: text(&name, r).unwrap_or_default(),
-                data_type: text(&data_type, r).unwrap_or_default(),
-                value: (!value.is_null(r)).then(|| value.value(r)),
-                label: text(&label, r),
-                source: text(&source, r).unwrap_or_default(),
-                comment: text(&comment, r),
+                name: opt_str(&name, r).unwrap_or_default(),
+                data_type: opt_str(&data_type, r).unwrap_or_default(),
+                value: opt_f64(&value, r),
+                label: opt_str(&label, r),
+                source: opt_str(&source, r).unwrap_or_default(),
+                comment: opt_str(&comment, r),
                 created: rfc3339(created.value(r)),
                 created_ns: created.value(r),
             });
@@ -258,15 +256,13 @@ impl QueryEngine {
     ) -> Result<Vec<ScoreView>, QueryError> {
         // Filtering the raw rows lets the bloom filters skip other traces' files.
         let id = ScalarValue::FixedSizeBinary(16, Some(trace_id.to_vec()));
-        let batches = ctx
-            .sql(
-                "SELECT * FROM score_blocks WHERE trace_id = $1 \
-                 UNION ALL SELECT * FROM score_head WHERE trace_id = $1",
-            )
-            .await?
-            .with_param_values(vec![id])?
-            .collect()
-            .await?;
+        let batches = run(
+            ctx,
+            "SELECT * FROM score_blocks WHERE trace_id = $1 \
+             UNION ALL SELECT * FROM score_head WHERE trace_id = $1",
+            vec![id],
+        )
+        .await?;
         let mut latest: HashMap<String, ScoreView> = HashMap::new();
         for v in views(&batches)? {
             match latest.get(&v.id) {
@@ -320,12 +316,7 @@ impl QueryEngine {
             "SELECT * FROM {SCORES} WHERE {} ORDER BY created_ns DESC, score_id LIMIT {limit}",
             conds.join(" AND ")
         );
-        let batches = ctx
-            .sql(&sql)
-            .await?
-            .with_param_values(params)?
-            .collect()
-            .await?;
+        let batches = run(&ctx, &sql, params).await?;
         views(&batches)
     }
 
@@ -336,13 +327,7 @@ impl QueryEngine {
         (start_ns, end_ns, step_ns): (i64, i64, i64),
         name: Option<&str>,
     ) -> Result<ScoreMetrics, QueryError> {
-        if end_ns <= start_ns {
-            return Err(QueryError::BadRequest(format!(
-                "empty time range: end ({}) is not after start ({})",
-                rfc3339(end_ns),
-                rfc3339(start_ns)
-            )));
-        }
+        check_range(start_ns, end_ns)?;
         let ctx = self.score_session(tenant)?;
         let mut params = vec![
             ScalarValue::Int64(Some(start_ns)),
@@ -365,12 +350,7 @@ impl QueryEngine {
                    FROM {SCORES} WHERE created_ns >= $1 AND created_ns < $2{name_cond}) \
              GROUP BY bucket, name, data_type, label ORDER BY name, bucket"
         );
-        let batches = ctx
-            .sql(&sql)
-            .await?
-            .with_param_values(params)?
-            .collect()
-            .await?;
+        let batches = run(&ctx, &sql, params).await?;
         // (name) -> (data_type, bucket -> (count, sum, min, max, labels))
         type Acc = (
             u64,
@@ -390,15 +370,11 @@ impl QueryEngine {
             );
             let n = ints(b, "n")?;
             let (avg, min, max) = (floats(b, "avg")?, floats(b, "min")?, floats(b, "max")?);
-            let text = |a: &arrow::array::ArrayRef, r: usize| {
-                let a = a.as_string::<i32>();
-                (!a.is_null(r)).then(|| a.value(r).to_owned())
-            };
             for r in 0..b.num_rows() {
-                let name = text(&names, r).unwrap_or_default();
+                let name = opt_str(&names, r).unwrap_or_default();
                 let entry = by_name
                     .entry(name)
-                    .or_insert_with(|| (text(&types, r).unwrap_or_default(), BTreeMap::new()));
+                    .or_insert_with(|| (opt_str(&types, r).unwrap_or_default(), BTreeMap::new()));
                 let acc = entry.1.entry(bucket.value(r)).or_default();
                 let count = n.value(r).max(0) as u64;
                 acc.0 += count;
@@ -409,7 +385,7 @@ impl QueryEngine {
                     acc.3 = Some(acc.3.map_or(lo, |m: f64| m.min(lo)));
                     acc.4 = Some(acc.4.map_or(hi, |m: f64| m.max(hi)));
                 }
-                if let Some(l) = text(&labels, r) {
+                if let Some(l) = opt_str(&labels, r) {
                     *acc.5.entry(l).or_default() += count;
                 }
             }

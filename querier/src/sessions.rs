@@ -4,12 +4,13 @@
 //! A trace belongs to the session and user any of its spans names (instrumentations
 //! usually set them on the root span). Totals are over stored traces.
 
-use arrow::array::{Array, AsArray};
 use datafusion::common::ScalarValue;
 use loupe_core::TenantId;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{QueryEngine, QueryError, floats, ints, strings};
+use crate::engine::{
+    QueryEngine, QueryError, check_range, floats, ints, opt_f64, opt_i64, opt_str, run, strings,
+};
 use crate::model::rfc3339;
 
 /// Spans this far around the range are read to assemble traces that start in it.
@@ -93,13 +94,7 @@ impl QueryEngine {
         tenant: &TenantId,
         q: &GroupQuery,
     ) -> Result<Vec<Group>, QueryError> {
-        if q.end_ns <= q.start_ns {
-            return Err(QueryError::BadRequest(format!(
-                "empty time range: end ({}) is not after start ({})",
-                rfc3339(q.end_ns),
-                rfc3339(q.start_ns)
-            )));
-        }
+        check_range(q.start_ns, q.end_ns)?;
         let scan = (
             q.start_ns.saturating_sub(TRACE_SLACK_NS),
             q.end_ns.saturating_add(TRACE_SLACK_NS),
@@ -148,12 +143,7 @@ impl QueryEngine {
              GROUP BY {key} ORDER BY {}, id LIMIT $5",
             q.order.sql()
         );
-        let batches = ctx
-            .sql(&sql)
-            .await?
-            .with_param_values(params)?
-            .collect()
-            .await?;
+        let batches = run(&ctx, &sql, params).await?;
         let mut out = Vec::new();
         for b in &batches {
             let (id, user) = (strings(b, "id")?, strings(b, "user_id")?);
@@ -162,27 +152,20 @@ impl QueryEngine {
             let (first, last) = (ints(b, "first_ns")?, ints(b, "last_ns")?);
             let (tin, tout) = (ints(b, "input_tokens")?, ints(b, "output_tokens")?);
             let cost = floats(b, "cost_usd")?;
-            let text = |a: &arrow::array::ArrayRef, r: usize| {
-                let a = a.as_string::<i32>();
-                (!a.is_null(r)).then(|| a.value(r).to_owned())
-            };
-            let int = |a: &arrow::array::Int64Array, r: usize| {
-                if a.is_null(r) { 0 } else { a.value(r) }
-            };
             for r in 0..b.num_rows() {
                 out.push(Group {
-                    id: text(&id, r).unwrap_or_default(),
-                    user_id: text(&user, r),
-                    sessions: (!sessions.is_null(r)).then(|| sessions.value(r).max(0) as u64),
-                    traces: int(&traces, r).max(0) as u64,
-                    errors: int(&errors, r).max(0) as u64,
+                    id: opt_str(&id, r).unwrap_or_default(),
+                    user_id: opt_str(&user, r),
+                    sessions: opt_i64(&sessions, r).map(|n| n.max(0) as u64),
+                    traces: opt_i64(&traces, r).unwrap_or(0).max(0) as u64,
+                    errors: opt_i64(&errors, r).unwrap_or(0).max(0) as u64,
                     first: rfc3339(first.value(r)),
                     last: rfc3339(last.value(r)),
                     first_ns: first.value(r),
                     last_ns: last.value(r),
-                    input_tokens: int(&tin, r),
-                    output_tokens: int(&tout, r),
-                    cost_usd: if cost.is_null(r) { 0.0 } else { cost.value(r) },
+                    input_tokens: opt_i64(&tin, r).unwrap_or(0),
+                    output_tokens: opt_i64(&tout, r).unwrap_or(0),
+                    cost_usd: opt_f64(&cost, r).unwrap_or(0.0),
                 });
             }
         }

@@ -28,12 +28,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, RecordBatch};
 use datafusion::common::ScalarValue;
 use loupe_core::{LlmKind, TenantId};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{QueryEngine, QueryError, SamplingInfo, StatusFilter};
+use crate::engine::{QueryEngine, QueryError, SamplingInfo, StatusFilter, check_range, run};
 use crate::model::rfc3339;
 
 /// Most buckets one query may ask for.
@@ -626,13 +626,7 @@ impl QueryEngine {
         tenant: &TenantId,
         q: &MetricsQuery,
     ) -> Result<MetricsResponse, QueryError> {
-        if q.end_ns <= q.start_ns {
-            return Err(QueryError::BadRequest(format!(
-                "empty time range: end ({}) is not after start ({})",
-                rfc3339(q.end_ns),
-                rfc3339(q.start_ns)
-            )));
-        }
+        check_range(q.start_ns, q.end_ns)?;
         let scan = match q.level {
             Level::Span => (q.start_ns, q.end_ns),
             Level::Trace => (
@@ -648,13 +642,7 @@ impl QueryEngine {
             ScalarValue::Int64(Some(scan.1)),
         ]);
         let (sql, params) = metrics_sql(q, &spans.sql, params);
-        let batches = spans
-            .ctx
-            .sql(&sql)
-            .await?
-            .with_param_values(params)?
-            .collect()
-            .await?;
+        let batches = run(&spans.ctx, &sql, params).await?;
         let (series, groups_omitted) = collect_series(q, &batches)?;
         let counts = spans.sampling;
         let extrapolated = counts.seen_spans > counts.kept_spans;
@@ -700,7 +688,7 @@ fn collect_series(
     q: &MetricsQuery,
     batches: &[RecordBatch],
 ) -> Result<(Vec<Series>, usize), QueryError> {
-    use crate::engine::{floats, ints, strings};
+    use crate::engine::{floats, ints, opt_f64, strings};
     let mut groups: HashMap<Vec<Option<String>>, Series> = HashMap::new();
     for b in batches {
         let bucket = ints(b, "bucket")?;
@@ -718,15 +706,9 @@ fn collect_series(
             floats(b, "est_output_tokens")?,
             floats(b, "est_cost")?,
         ];
-        let f = |a: &arrow::array::Float64Array, r: usize| (!a.is_null(r)).then(|| a.value(r));
         for r in 0..b.num_rows() {
-            let key: Vec<Option<String>> = dims
-                .iter()
-                .map(|a| {
-                    let a = a.as_string::<i32>();
-                    (!a.is_null(r)).then(|| a.value(r).to_owned())
-                })
-                .collect();
+            let key: Vec<Option<String>> =
+                dims.iter().map(|a| crate::engine::opt_str(a, r)).collect();
             let series = groups.entry(key.clone()).or_insert_with(|| Series {
                 group: q
                     .group_by
@@ -748,7 +730,7 @@ fn collect_series(
             } else {
                 errors.value(r).max(0) as u64
             };
-            let ms = |a: &arrow::array::Float64Array| f(a, r).map(|ns| ns / 1e6);
+            let ms = |a: &arrow::array::Float64Array| opt_f64(a, r).map(|ns| ns / 1e6);
             let point = Point {
                 time: rfc3339(bucket.value(r)),
                 time_ns: bucket.value(r),
@@ -762,12 +744,12 @@ fn collect_series(
                 },
                 input_tokens: if tin.is_null(r) { 0 } else { tin.value(r) },
                 output_tokens: if tout.is_null(r) { 0 } else { tout.value(r) },
-                cost_usd: f(&cost, r).unwrap_or(0.0),
+                cost_usd: opt_f64(&cost, r).unwrap_or(0.0),
                 estimated: Estimated {
-                    requests: f(&est[0], r).unwrap_or(0.0),
-                    input_tokens: f(&est[1], r).unwrap_or(0.0),
-                    output_tokens: f(&est[2], r).unwrap_or(0.0),
-                    cost_usd: f(&est[3], r).unwrap_or(0.0),
+                    requests: opt_f64(&est[0], r).unwrap_or(0.0),
+                    input_tokens: opt_f64(&est[1], r).unwrap_or(0.0),
+                    output_tokens: opt_f64(&est[2], r).unwrap_or(0.0),
+                    cost_usd: opt_f64(&est[3], r).unwrap_or(0.0),
                 },
             };
             series.requests += point.requests;

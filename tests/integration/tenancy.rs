@@ -183,36 +183,15 @@ async fn keys_isolate_projects_and_environments() {
     // Scores: written with an ingest key only, and only into its own project (a
     // score naming another project's trace stays in the writer's project).
     let score = |key: &str, trace: &str| {
-        reqwest::Client::new()
+        let request = reqwest::Client::new()
             .post(format!("{}/api/v1/scores", loupe.http))
             .bearer_auth(key)
-            .json(&serde_json::json!({"trace_id": trace, "name": "quality", "value": 1}))
-            .send()
+            .json(&serde_json::json!({"trace_id": trace, "name": "quality", "value": 1}));
+        async move { request.send().await.unwrap().status().as_u16() }
     };
-    assert_eq!(
-        score(&dev.query, &dev_trace)
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        403
-    );
-    assert_eq!(
-        score(&dev.ingest, &dev_trace)
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        score(&other.ingest, &prod_trace)
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    assert_eq!(score(&dev.query, &dev_trace).await, 403);
+    assert_eq!(score(&dev.ingest, &dev_trace).await, 200);
+    assert_eq!(score(&other.ingest, &prod_trace).await, 200);
     let body = await_status(
         &loupe,
         &dev.query,
