@@ -9,6 +9,7 @@ pub use error::Error;
 pub use span::{LlmKind, SpanBatch, SpanRecord, StatusCode};
 pub use tenant::{Environment, TenantId};
 pub mod config;
+pub mod ids;
 pub mod keys;
 pub mod normalize;
 pub mod pricing;

@@ -13,6 +13,8 @@ use arrow::array::{ArrayRef, FixedSizeBinaryBuilder, Float64Builder, Int64Builde
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::parse_hex;
+
 /// Longest score name, in bytes.
 pub const MAX_NAME_BYTES: usize = 200;
 /// Longest categorical label, in bytes.
@@ -151,30 +153,6 @@ pub struct ScoreInput {
     /// RFC 3339; now when unset.
     #[serde(default)]
     pub timestamp: Option<String>,
-}
-
-/// Parses lower- or upper-case hex of exactly `N` bytes.
-pub fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let s = s.trim();
-    if s.len() != 2 * N || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
-
-/// Lower-case hex.
-pub fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
 }
 
 impl ScoreInput {
@@ -537,13 +515,5 @@ mod tests {
             let err = parse(&body).expect_err(&body);
             assert!(err.contains(want), "{body}: {err}");
         }
-    }
-
-    #[test]
-    fn hex_round_trips() {
-        let id = parse_hex::<16>(T).unwrap();
-        assert_eq!(to_hex(&id), T);
-        assert!(parse_hex::<8>("zz").is_none());
-        assert!(parse_hex::<8>("é0000000000000000").is_none());
     }
 }

@@ -53,7 +53,9 @@ pub struct EncodedBlock {
     pub digest: u64,
 }
 
-fn writer_properties(traces: u64) -> WriterProperties {
+/// Settings shared by span and score files: zstd, page statistics, and a bloom
+/// filter on `trace_id` sized for `traces` ids (the column of that name in both).
+fn trace_keyed(traces: u64) -> parquet::file::properties::WriterPropertiesBuilder {
     let trace_id = ColumnPath::from(col::TRACE_ID);
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(
@@ -66,6 +68,10 @@ fn writer_properties(traces: u64) -> WriterProperties {
         .set_column_bloom_filter_max_ndv(trace_id.clone(), traces.max(1))
         // Random ids do not compress or dictionary-encode.
         .set_column_dictionary_enabled(trace_id, false)
+}
+
+fn writer_properties(traces: u64) -> WriterProperties {
+    trace_keyed(traces)
         .set_column_dictionary_enabled(ColumnPath::from(col::SPAN_ID), false)
         .set_sorting_columns(Some(vec![
             SortingColumn {
@@ -161,22 +167,10 @@ fn sort_chunks(
 /// Encodes scores as a Parquet file sorted by trace id, with a bloom filter on it.
 pub fn encode_scores(scores: &[ScoreRecord]) -> Result<Bytes, BlockError> {
     let enc = |e: &dyn std::fmt::Display| BlockError::Encode(e.to_string());
-    let mut sorted: Vec<&ScoreRecord> = scores.iter().collect();
+    let mut sorted = scores.to_vec();
     sorted.sort_by(|a, b| (&a.trace_id, a.created_ns).cmp(&(&b.trace_id, b.created_ns)));
-    let sorted: Vec<ScoreRecord> = sorted.into_iter().cloned().collect();
     let batch = score::scores_to_batch(&sorted).map_err(|e| enc(&e))?;
-    let trace_id = ColumnPath::from(score::col::TRACE_ID);
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(1).expect("valid level"),
-        ))
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_statistics_enabled(EnabledStatistics::Page)
-        .set_column_bloom_filter_enabled(trace_id.clone(), true)
-        .set_column_bloom_filter_fpp(trace_id.clone(), 0.01)
-        .set_column_bloom_filter_max_ndv(trace_id.clone(), sorted.len().max(1) as u64)
-        .set_column_dictionary_enabled(trace_id, false)
-        .build();
+    let props = trace_keyed(sorted.len() as u64).build();
     let mut out = Vec::new();
     let mut writer =
         ArrowWriter::try_new(&mut out, score::score_schema(), Some(props)).map_err(|e| enc(&e))?;

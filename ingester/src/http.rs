@@ -71,13 +71,8 @@ async fn scores(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Bod
         *r.status_mut() = StatusCode::UNSUPPORTED_MEDIA_TYPE;
         return r;
     }
-    let tenant = match ingest.authenticate(&headers) {
-        Ok(t) => t,
-        Err(e) => return refuse(e),
-    };
-    let limit = ingest.limits().max_request_bytes;
-    let bytes = match read_body(&headers, body, limit).await {
-        Ok(b) => b,
+    let (tenant, bytes) = match authenticated_body(&ingest, &headers, body).await {
+        Ok(r) => r,
         Err(e) => return refuse(e),
     };
     match ingest.submit_scores(&tenant, &bytes).await {
@@ -151,6 +146,17 @@ fn encoding_of(headers: &HeaderMap) -> Result<Encoding, String> {
     }
 }
 
+/// The tenant of the request's ingest key, then its body (bounded).
+async fn authenticated_body(
+    ingest: &Ingest,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(loupe_core::TenantId, Bytes), IngestError> {
+    let tenant = ingest.authenticate(headers)?;
+    let bytes = read_body(headers, body, ingest.limits().max_request_bytes).await?;
+    Ok((tenant, bytes))
+}
+
 /// Reads the body, decompressing gzip, and never holds more than `limit` bytes.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, IngestError> {
     let raw = axum::body::to_bytes(body, limit).await.map_err(|e| {
@@ -208,13 +214,8 @@ async fn export(State(ingest): State<Arc<Ingest>>, headers: HeaderMap, body: Bod
         ingest.record_refusal("http", &err);
         error_response(encoding, &err)
     };
-    let tenant = match ingest.authenticate(&headers) {
-        Ok(t) => t,
-        Err(e) => return refuse(e),
-    };
-    let limit = ingest.limits().max_request_bytes;
-    let bytes = match read_body(&headers, body, limit).await {
-        Ok(b) => b,
+    let (tenant, bytes) = match authenticated_body(&ingest, &headers, body).await {
+        Ok(r) => r,
         Err(e) => return refuse(e),
     };
     let payload = match encoding {

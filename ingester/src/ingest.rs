@@ -415,7 +415,7 @@ impl Ingest {
         let result = async {
             let scores = loupe_core::score::parse_scores(
                 body,
-                || loupe_core::score::to_hex(&rand::random::<[u8; 16]>()),
+                || loupe_core::ids::to_hex(&rand::random::<[u8; 16]>()),
                 now,
             )
             .map_err(IngestError::InvalidArgument)?;

@@ -165,18 +165,12 @@ impl ApiState {
 
 /// Parses a 32-hex-digit trace id.
 pub fn parse_trace_id(s: &str) -> Result<[u8; 16], String> {
-    let s = s.trim();
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
+    loupe_core::ids::parse_hex::<16>(s).ok_or_else(|| {
+        format!(
             "trace id must be 32 hexadecimal characters, got {:?}",
-            s.chars().take(64).collect::<String>()
-        ));
-    }
-    let mut out = [0u8; 16];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).expect("checked hex");
-    }
-    Ok(out)
+            s.trim().chars().take(64).collect::<String>()
+        )
+    })
 }
 
 async fn trace(

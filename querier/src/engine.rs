@@ -639,16 +639,7 @@ pub(crate) fn opt_f64(a: &arrow::array::Float64Array, r: usize) -> Option<f64> {
     (!a.is_null(r)).then(|| a.value(r))
 }
 
-/// Lower-case hex of an id.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
+pub use loupe_core::ids::to_hex as hex;
 
 fn json(a: &ArrayRef, r: usize, default: serde_json::Value) -> serde_json::Value {
     opt_str(a, r)
