@@ -106,6 +106,26 @@ pub(crate) struct WeightedSpans {
     pub sampling: SamplingInfo,
 }
 
+/// A table over Parquet files of the store (an empty table when there are none).
+fn parquet_table<'a>(
+    paths: impl IntoIterator<Item = &'a str>,
+    schema: arrow::datatypes::SchemaRef,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>, QueryError> {
+    let urls = paths
+        .into_iter()
+        .map(|p| ListingTableUrl::parse(format!("{STORE_URL}{p}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
+    }
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
 /// Registers the `scores` view: the score files of every block that has scores (a
 /// score is about any trace, so no block is left out by time) and the unflushed ones.
 fn register_scores(
@@ -114,22 +134,15 @@ fn register_scores(
     head: Vec<RecordBatch>,
 ) -> Result<(), QueryError> {
     let schema = loupe_core::score::score_schema();
-    let urls = blocks
+    let paths: Vec<String> = blocks
         .iter()
         .filter(|b| b.scores > 0)
-        .map(|b| ListingTableUrl::parse(format!("{STORE_URL}{}", b.scores_path())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let stored: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
-        Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
-    } else {
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let config = ListingTableConfig::new_with_multi_paths(urls)
-            .with_listing_options(options)
-            .with_schema(schema.clone());
-        Arc::new(ListingTable::try_new(config)?)
-    };
-    ctx.register_table("score_blocks", stored)?;
+        .map(|b| b.scores_path())
+        .collect();
+    ctx.register_table(
+        "score_blocks",
+        parquet_table(paths.iter().map(String::as_str), schema.clone())?,
+    )?;
     ctx.register_table(
         "score_head",
         Arc::new(MemTable::try_new(schema, vec![head])?),
@@ -199,33 +212,21 @@ impl QueryEngine {
     /// limited to those that may hold spans starting in `range`, when given).
     async fn session(
         &self,
-        snapshot: TenantSnapshot,
+        snapshot: &TenantSnapshot,
         range: Option<(i64, i64)>,
     ) -> Result<SessionContext, QueryError> {
         let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
         let schema = span_schema();
-        let urls = snapshot
+        let blocks = snapshot
             .blocks
             .iter()
             .filter(|b| range.is_none_or(|(s, e)| b.overlaps(s, e)))
-            .map(|b| ListingTableUrl::parse(format!("{STORE_URL}{}", b.path)))
-            .collect::<Result<Vec<_>, _>>()?;
-        let blocks: Arc<dyn datafusion::catalog::TableProvider> = if urls.is_empty() {
-            Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
-        } else {
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(schema.clone());
-            Arc::new(ListingTable::try_new(config)?)
-        };
-        ctx.register_table("blocks", blocks)?;
+            .map(|b| b.path.as_str());
+        ctx.register_table("blocks", parquet_table(blocks, schema.clone())?)?;
         ctx.register_table(
             "head",
-            Arc::new(MemTable::try_new(schema, vec![snapshot.head])?),
+            Arc::new(MemTable::try_new(schema, vec![snapshot.head.clone()])?),
         )?;
-        register_scores(&ctx, &snapshot.blocks, snapshot.head_scores)?;
         Ok(ctx)
     }
 
@@ -236,7 +237,7 @@ impl QueryEngine {
         tenant: &TenantId,
         range: (i64, i64),
     ) -> Result<SessionContext, QueryError> {
-        self.session(self.source.snapshot(tenant), Some(range))
+        self.session(&self.source.snapshot(tenant), Some(range))
             .await
     }
 
@@ -264,7 +265,7 @@ impl QueryEngine {
         let schema = span_schema();
         let mut sampling = SamplingInfo::default();
         // Weights are rounded so that blocks of one policy share few tables.
-        let mut groups: BTreeMap<u64, Vec<ListingTableUrl>> = BTreeMap::new();
+        let mut groups: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
         for b in snapshot
             .blocks
             .iter()
@@ -273,20 +274,12 @@ impl QueryEngine {
             sampling.kept_spans += b.spans;
             sampling.seen_spans += b.seen_spans.max(b.spans);
             let w = round_weight(b.sampling_weight());
-            groups
-                .entry(w.to_bits())
-                .or_default()
-                .push(ListingTableUrl::parse(format!("{STORE_URL}{}", b.path))?);
+            groups.entry(w.to_bits()).or_default().push(&b.path);
         }
         let mut parts = Vec::new();
-        for (i, (bits, urls)) in groups.into_iter().enumerate() {
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(schema.clone());
+        for (i, (bits, paths)) in groups.into_iter().enumerate() {
             let name = format!("blocks_{i}");
-            ctx.register_table(&name, Arc::new(ListingTable::try_new(config)?))?;
+            ctx.register_table(&name, parquet_table(paths, schema.clone())?)?;
             parts.push((name, f64::from_bits(bits)));
         }
         let head_rows: u64 = snapshot.head.iter().map(|b| b.num_rows() as u64).sum();
@@ -337,7 +330,7 @@ impl QueryEngine {
             let ids = b.column(0).as_fixed_size_binary();
             (0..ids.len()).any(|i| ids.value(i) == trace_id)
         });
-        let ctx = self.session(snapshot, None).await?;
+        let ctx = self.session(&snapshot, None).await?;
         let id = ScalarValue::FixedSizeBinary(16, Some(trace_id.to_vec()));
         let batches = run(
             &ctx,
@@ -370,7 +363,7 @@ impl QueryEngine {
             return Err(QueryError::Internal(format!("no span column {column}")));
         }
         let ctx = self
-            .session(self.source.snapshot(tenant), Some((start_ns, end_ns)))
+            .session(&self.source.snapshot(tenant), Some((start_ns, end_ns)))
             .await?;
         let sql = format!(
             "SELECT DISTINCT CAST({column} AS VARCHAR) AS v FROM (\
@@ -407,9 +400,11 @@ impl QueryEngine {
             q.start_ns.saturating_sub(TRACE_SLACK_NS),
             q.end_ns.saturating_add(TRACE_SLACK_NS),
         );
-        let ctx = self
-            .session(self.source.snapshot(tenant), Some(scan))
-            .await?;
+        let snapshot = self.source.snapshot(tenant);
+        let ctx = self.session(&snapshot, Some(scan)).await?;
+        if !q.scores.is_empty() {
+            register_scores(&ctx, &snapshot.blocks, snapshot.head_scores)?;
+        }
         let (sql, params) = search_sql(q, scan);
         let batches = run(&ctx, &sql, params).await?;
         let mut traces = Vec::new();
