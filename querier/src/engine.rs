@@ -320,6 +320,13 @@ impl QueryEngine {
         trace_id: [u8; 16],
     ) -> Result<Option<TraceView>, QueryError> {
         let mut snapshot = self.source.snapshot(tenant);
+        // Scores of a trace may be in any block (written long after the trace).
+        let score_blocks: Vec<_> = snapshot
+            .blocks
+            .iter()
+            .filter(|b| b.scores > 0)
+            .cloned()
+            .collect();
         snapshot.blocks = self
             .trace_filters
             .candidates(std::mem::take(&mut snapshot.blocks), &trace_id)
@@ -344,9 +351,8 @@ impl QueryEngine {
             return Ok(None);
         }
         let mut view = build_trace(hex(&trace_id), spans);
-        // Scores of a trace may be in any block: they are looked up in all of them.
-        let scores = self.score_session(tenant)?;
-        view.scores = self.trace_scores(&scores, trace_id).await?;
+        register_scores(&ctx, &score_blocks, snapshot.head_scores)?;
+        view.scores = self.trace_scores(&ctx, trace_id).await?;
         Ok(Some(view))
     }
 
