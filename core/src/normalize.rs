@@ -331,34 +331,10 @@ fn push_display(out: &mut String, v: impl fmt::Display) {
     let _ = write!(out, "{v}");
 }
 
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// Standard base64 with padding (as OTLP/JSON encodes `bytesValue`).
 fn push_base64(out: &mut String, bytes: &[u8]) {
-    out.reserve(bytes.len().div_ceil(3) * 4);
-    let mut chunks = bytes.chunks_exact(3);
-    for c in &mut chunks {
-        let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
-        for shift in [18, 12, 6, 0] {
-            out.push(BASE64[((n >> shift) & 63) as usize] as char);
-        }
-    }
-    match *chunks.remainder() {
-        [a] => {
-            let n = u32::from(a) << 16;
-            out.push(BASE64[((n >> 18) & 63) as usize] as char);
-            out.push(BASE64[((n >> 12) & 63) as usize] as char);
-            out.push_str("==");
-        }
-        [a, b] => {
-            let n = (u32::from(a) << 16) | (u32::from(b) << 8);
-            out.push(BASE64[((n >> 18) & 63) as usize] as char);
-            out.push(BASE64[((n >> 12) & 63) as usize] as char);
-            out.push(BASE64[((n >> 6) & 63) as usize] as char);
-            out.push('=');
-        }
-        _ => {}
-    }
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode_string(bytes, out);
 }
 
 fn push_hex(out: &mut String, bytes: &[u8]) {
