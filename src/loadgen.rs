@@ -53,9 +53,21 @@ pub struct Args {
     /// Number of trace-by-id requests for the query measurement.
     #[arg(long, default_value_t = 1000)]
     query_samples: usize,
-    /// Send nothing; measure trace-by-id on traces found by a search (needs --query-url).
+    /// Send nothing; measure trace-by-id on traces found by searches spread over
+    /// --ids-since (needs --query-url), then every --query-path.
     #[arg(long, requires = "query_url")]
     skip_ingest: bool,
+    /// With --skip-ingest: how far back the traces for trace-by-id are picked
+    /// (20 searches over equal slices of it), e.g. `1h`, `7d`.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    ids_since: Duration,
+    /// With --skip-ingest: a query API path to time as well, e.g.
+    /// `/api/v1/traces?since=7d&model=gpt-4o&status=error` (repeatable).
+    #[arg(long, requires = "skip_ingest")]
+    query_path: Vec<String>,
+    /// Requests per --query-path.
+    #[arg(long, default_value_t = 50)]
+    path_samples: usize,
     /// While sending, measure freshness: every 500 ms take the latest acknowledged
     /// trace and poll the query API (--query-url) until it is served; reports the
     /// time from acknowledgment to queryable.
@@ -218,11 +230,11 @@ fn percentiles(h: &Histogram<u64>, micros_per_unit: f64) -> serde_json::Value {
     })
 }
 
-/// Trace ids of the load generator's service, found by a search.
-async fn search_ids(url: &str) -> anyhow::Result<Vec<String>> {
+/// Trace ids found by `GET /api/v1/traces` with `params`.
+async fn search_ids(url: &str, params: &[(&str, String)]) -> anyhow::Result<Vec<String>> {
     let body: serde_json::Value = query_client()
         .get(format!("{}/api/v1/traces", url.trim_end_matches('/')))
-        .query(&[("start", "0"), ("limit", "1000"), ("service", "loadgen")])
+        .query(params)
         .send()
         .await
         .context("cannot reach the query API")?
@@ -237,6 +249,57 @@ async fn search_ids(url: &str) -> anyhow::Result<Vec<String>> {
                 .collect()
         })
         .unwrap_or_default())
+}
+
+/// Up to 1,000 trace ids spread over the last `since`: 50 from each of 20 slices, so
+/// that lookups hit old blocks as well as new ones.
+async fn spread_ids(url: &str, since: Duration) -> anyhow::Result<Vec<String>> {
+    const SLICES: u32 = 20;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let slice = since.as_secs_f64() / f64::from(SLICES);
+    let mut ids = Vec::new();
+    for i in 0..SLICES {
+        let end = now - slice * f64::from(i);
+        let params = [
+            ("start", format!("{:.0}", end - slice)),
+            ("end", format!("{end:.0}")),
+            ("limit", "50".to_owned()),
+        ];
+        ids.extend(search_ids(url, &params).await?);
+    }
+    Ok(ids)
+}
+
+/// Times `samples` sequential GETs of `path`; every answer must be 2xx.
+async fn measure_path(url: &str, path: &str, samples: usize) -> anyhow::Result<serde_json::Value> {
+    let client = query_client();
+    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    let mut bytes = 0;
+    for _ in 0..samples.max(1) {
+        let t0 = Instant::now();
+        let r = client
+            .get(format!("{}{path}", url.trim_end_matches('/')))
+            .send()
+            .await
+            .context("cannot reach the query API")?;
+        let status = r.status();
+        let body = r.bytes().await?;
+        anyhow::ensure!(
+            status.is_success(),
+            "{path}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let _ = h.record(t0.elapsed().as_micros() as u64);
+        bytes = body.len();
+    }
+    Ok(serde_json::json!({
+        "path": path,
+        "requests": samples.max(1),
+        "response_bytes": bytes,
+        "latency_ms": percentiles(&h, 1000.0)
+    }))
 }
 
 fn print_query_report(q: &serde_json::Value) {
@@ -260,12 +323,29 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .query_url
             .as_deref()
             .expect("clap requires --query-url");
-        let ids = search_ids(url).await?;
+        let ids = spread_ids(url, args.ids_since).await?;
         let q = measure_queries(url, &ids, args.query_samples, None).await?;
-        if args.json {
-            println!("{}", serde_json::json!({ "query": q }));
-        } else {
+        if !args.json {
             print_query_report(&q);
+        }
+        let mut paths = Vec::new();
+        for path in &args.query_path {
+            let p = measure_path(url, path, args.path_samples).await?;
+            if !args.json {
+                println!(
+                    "{path}: {} requests, {} bytes, p50 {} ms, p95 {} ms, p99 {} ms, max {} ms",
+                    p["requests"],
+                    p["response_bytes"],
+                    p["latency_ms"]["p50"],
+                    p["latency_ms"]["p95"],
+                    p["latency_ms"]["p99"],
+                    p["latency_ms"]["max"]
+                );
+            }
+            paths.push(p);
+        }
+        if args.json {
+            println!("{}", serde_json::json!({ "query": q, "paths": paths }));
         }
         return Ok(());
     }

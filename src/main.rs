@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod generate;
 mod loadgen;
 mod roles;
 mod server;
@@ -59,6 +60,8 @@ enum Command {
     Traces(Box<traces_cmd::Args>),
     /// Generate OTLP load against a Loupe endpoint and report spans/s, MB/s and latency.
     Loadgen(loadgen::Args),
+    /// Write N realistic spans straight into a project's storage (for benchmarks).
+    Generate(generate::Args),
     /// Create API keys.
     #[command(subcommand)]
     Keys(keys_cmd::Keys),
@@ -222,6 +225,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Traces(args) => traces_cmd::run(*args).await,
             Command::Loadgen(args) => loadgen::run(args).await,
+            Command::Generate(args) => generate::run(args).await,
             Command::Keys(keys) => keys_cmd::run(keys),
         }
     });

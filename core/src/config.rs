@@ -1,6 +1,9 @@
 //! Data-plane configuration shared by every role: limits and the tenants served.
 //!
 //! ```yaml
+//! usage_metrics:                   # per-project LLM usage on /metrics (off by default)
+//!   enabled: true
+//!   max_models_per_tenant: 20       # later models are counted as model="other"
 //! limits:
 //!   max_request_bytes: 16777216     # one export request, after decompression
 //!   max_attribute_bytes: 65536      # one string attribute value; longer ones are cut
@@ -146,6 +149,34 @@ pub struct DataPlaneConfig {
     pub limits: Limits,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Per-project LLM usage series on `/metrics` (off by default).
+    #[serde(default)]
+    pub usage_metrics: UsageMetricsConfig,
+}
+
+fn default_max_models() -> usize {
+    20
+}
+
+/// Per-project LLM usage series (calls, errors, tokens, cost, latency by model) on the
+/// receivers' `/metrics`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageMetricsConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Models with their own series per project; later ones count as `model="other"`.
+    #[serde(default = "default_max_models")]
+    pub max_models_per_tenant: usize,
+}
+
+impl Default for UsageMetricsConfig {
+    fn default() -> Self {
+        UsageMetricsConfig {
+            enabled: false,
+            max_models_per_tenant: default_max_models(),
+        }
+    }
 }
 
 impl DataPlaneConfig {
@@ -162,6 +193,13 @@ impl DataPlaneConfig {
 
     pub fn validate(&self) -> Result<(), Error> {
         self.limits.validate()?;
+        let max_models = self.usage_metrics.max_models_per_tenant;
+        if !(1..=1000).contains(&max_models) {
+            return Err(Error::InvalidConfig {
+                field: "usage_metrics.max_models_per_tenant".into(),
+                reason: format!("{max_models} is outside 1..=1000"),
+            });
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
             if !seen.insert(&t.id) {

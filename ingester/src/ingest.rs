@@ -19,6 +19,7 @@ use prost::Message;
 
 use crate::metrics::{IngestMetrics, ProtocolLabels, RejectLabels};
 use crate::sink::{SinkError, SpanSink};
+use crate::usage::UsageSummary;
 
 /// How long clients are asked to wait before retrying when the queue is busy.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -187,6 +188,8 @@ impl TenantRuntime {
 /// What the receive pipeline takes from the config; replaced whole on reload.
 struct IngestState {
     limits: Limits,
+    /// Models with their own usage series per project; `None` while usage metrics are off.
+    usage_max_models: Option<usize>,
     tenants: HashMap<TenantId, TenantRuntime>,
     default_tenant: TenantRuntime,
 }
@@ -230,6 +233,10 @@ impl IngestState {
         }
         Ok(IngestState {
             limits: config.limits.clone(),
+            usage_max_models: config
+                .usage_metrics
+                .enabled
+                .then_some(config.usage_metrics.max_models_per_tenant),
             tenants,
             default_tenant: TenantRuntime {
                 pricing: PriceBook::builtin(),
@@ -384,6 +391,9 @@ impl Ingest {
             m.spans_unpriced.inc_by(unpriced);
         }
         let accepted = normalized.spans.len();
+        let usage = state
+            .usage_max_models
+            .map(|max| (max, UsageSummary::of(&normalized.spans)));
         self.sink
             .append(tenant, normalized.spans, Vec::new())
             .await
@@ -394,6 +404,9 @@ impl Ingest {
         m.spans_accepted
             .get_or_create(&ProtocolLabels { protocol })
             .inc_by(accepted as u64);
+        if let Some((max_models, usage)) = usage.filter(|(_, u)| !u.is_empty()) {
+            m.usage.record(tenant, &usage, max_models);
+        }
         Ok(ExportTraceServiceResponse {
             partial_success: (rejected > 0).then_some(ExportTracePartialSuccess {
                 rejected_spans: rejected as i64,

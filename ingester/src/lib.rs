@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod queue;
 pub mod sink;
+pub mod usage;
 pub mod wal;
 pub mod writer;
 

@@ -37,6 +37,8 @@ pub struct IngestMetrics {
     pub flush_seconds: Histogram,
     pub flush_errors: Counter,
     pub scores_accepted: Counter,
+    /// Per-project LLM usage (exported while the config's `usage_metrics` is on).
+    pub usage: crate::usage::UsageMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -64,6 +66,7 @@ impl IngestMetrics {
             flush_seconds: latency_histogram(),
             flush_errors: Counter::default(),
             scores_accepted: Counter::default(),
+            usage: crate::usage::UsageMetrics::new(registry),
         };
         let r = registry.sub_registry_with_prefix("loupe");
         r.register(

@@ -21,7 +21,7 @@ use datafusion::datasource::listing::{
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use loupe_core::span::{col, span_schema};
-use loupe_core::storage::{SpanSource, TenantSnapshot};
+use loupe_core::storage::{BlockMeta, SpanSource, TenantSnapshot};
 use loupe_core::{LlmKind, TenantId};
 use object_store::ObjectStore;
 
@@ -30,6 +30,13 @@ use crate::prune::TraceIdFilters;
 
 /// The URL under which the block store is registered with DataFusion.
 const STORE_URL: &str = "loupe://store/";
+
+/// A search whose span conditions leave at most this many traces reads only their
+/// spans (see [`narrowing_sql`]).
+const MAX_NARROWED_TRACES: usize = 10_000;
+
+/// Spans read by the first round of a search (see [`QueryEngine::search`]).
+const FIRST_ROUND_SPANS: u64 = 250_000;
 
 /// Spans of one trace are looked for this far around a search's time range, so that
 /// a trace starting inside the range is summarised whole.
@@ -179,6 +186,7 @@ pub struct QueryEngine {
     runtime: Arc<RuntimeEnv>,
     config: SessionConfig,
     trace_filters: TraceIdFilters,
+    first_round_spans: u64,
 }
 
 impl QueryEngine {
@@ -205,7 +213,14 @@ impl QueryEngine {
             runtime,
             config,
             trace_filters: TraceIdFilters::new(store),
+            first_round_spans: FIRST_ROUND_SPANS,
         }
+    }
+
+    /// Sets how many spans the first round of a search reads (see [`Self::search`]).
+    pub fn with_first_round_spans(mut self, spans: u64) -> QueryEngine {
+        self.first_round_spans = spans.max(1);
+        self
     }
 
     /// A session whose `spans` table holds exactly this tenant's visible data (blocks
@@ -261,7 +276,11 @@ impl QueryEngine {
         cols: &str,
     ) -> Result<WeightedSpans, QueryError> {
         let snapshot = self.source.snapshot(tenant);
-        let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
+        // Aggregates keep most rows of their range: filtering while decoding (which
+        // decodes the filter's columns twice) costs more than it saves.
+        let mut config = self.config.clone();
+        config.options_mut().execution.parquet.pushdown_filters = false;
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         let schema = span_schema();
         let mut sampling = SamplingInfo::default();
         // Weights are rounded so that blocks of one policy share few tables.
@@ -396,6 +415,16 @@ impl QueryEngine {
     }
 
     /// Trace summaries matching the query, newest first (ties by trace id).
+    ///
+    /// Blocks are read newest first, in rounds that each read about four times more
+    /// spans than the last, until the page cannot change. Let `M` be the latest span
+    /// start in the blocks not read yet: a trace starting after `M` has all its spans
+    /// in the blocks read, so once `limit` traces starting after `M` match, older
+    /// blocks can neither add nor displace one. A trace of the page that may also have
+    /// spans in an unread block (one within [`TRACE_SLACK_NS`] of it whose trace-id
+    /// filter admits it) is summed again over those blocks first. A search for recent
+    /// traces reads a few blocks; one that matches nothing reads every block of its
+    /// range (about a third more spans in all than one pass would).
     pub async fn search(
         &self,
         tenant: &TenantId,
@@ -407,11 +436,115 @@ impl QueryEngine {
             q.end_ns.saturating_add(TRACE_SLACK_NS),
         );
         let snapshot = self.source.snapshot(tenant);
-        let ctx = self.session(&snapshot, Some(scan)).await?;
+        let mut blocks: Vec<&BlockMeta> = snapshot
+            .blocks
+            .iter()
+            .filter(|b| b.overlaps(scan.0, scan.1))
+            .collect();
+        blocks.sort_by_key(|b| std::cmp::Reverse(b.max_start_ns));
+        let (mut read, mut read_spans, mut budget) = (0, 0u64, self.first_round_spans);
+        let traces = loop {
+            while read < blocks.len() && (read_spans < budget || read == 0) {
+                read_spans += blocks[read].spans;
+                read += 1;
+            }
+            let (done, unread) = blocks.split_at(read);
+            let mut page = self.search_blocks(&snapshot, done, q, scan, &[]).await?;
+            let Some(unread_max_start) = unread.first().map(|b| b.max_start_ns) else {
+                break page;
+            };
+            // Traces of the page that may continue in unread blocks are summed again
+            // with those blocks.
+            let mut suspects = Vec::new();
+            let mut extra: Vec<&BlockMeta> = Vec::new();
+            for t in &page {
+                let near: Vec<BlockMeta> = unread
+                    .iter()
+                    .filter(|b| b.max_start_ns >= t.start_ns.saturating_sub(TRACE_SLACK_NS))
+                    .map(|b| (*b).clone())
+                    .collect();
+                if near.is_empty() {
+                    continue;
+                }
+                let found = self.trace_filters.candidates(near, &t.id).await;
+                if !found.is_empty() {
+                    suspects.push(t.id);
+                    for b in found {
+                        if !extra.iter().any(|e| e.path == b.path) {
+                            extra.extend(unread.iter().find(|u| u.path == b.path));
+                        }
+                    }
+                }
+            }
+            if !suspects.is_empty() {
+                let mut with: Vec<&BlockMeta> = done.to_vec();
+                with.extend(extra);
+                let exact = self
+                    .search_blocks(&snapshot, &with, q, scan, &suspects)
+                    .await?;
+                page.retain(|t| !suspects.contains(&t.id));
+                page.extend(exact);
+                page.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(a.id.cmp(&b.id)));
+            }
+            let settled = page
+                .iter()
+                .take_while(|t| t.start_ns > unread_max_start)
+                .count();
+            if settled >= q.limit {
+                page.truncate(q.limit);
+                break page;
+            }
+            budget = budget.saturating_mul(4);
+        };
+        Ok(SearchResponse {
+            traces: traces.into_iter().map(|t| t.summary).collect(),
+            start_ns: q.start_ns,
+            end_ns: q.end_ns,
+            limit: q.limit,
+        })
+    }
+
+    /// One search over `blocks` and the head (only over traces `only`, when given).
+    async fn search_blocks(
+        &self,
+        snapshot: &TenantSnapshot,
+        blocks: &[&BlockMeta],
+        q: &SearchQuery,
+        scan: (i64, i64),
+        only: &[[u8; 16]],
+    ) -> Result<Vec<Hit>, QueryError> {
+        let round = TenantSnapshot {
+            blocks: blocks.iter().map(|b| (*b).clone()).collect(),
+            head: snapshot.head.clone(),
+            ..TenantSnapshot::default()
+        };
+        let ctx = self.session(&round, None).await?;
         if !q.scores.is_empty() {
-            register_scores(&ctx, &snapshot.blocks, snapshot.head_scores)?;
+            register_scores(&ctx, &snapshot.blocks, snapshot.head_scores.clone())?;
         }
-        let (sql, params) = search_sql(q, scan);
+        // Traces that cannot match are left out before spans are grouped; when few
+        // remain, only their spans are decoded (their ids filter the scan).
+        let mut only = only.to_vec();
+        if only.is_empty()
+            && let Some((sql, params)) = narrowing_sql(q, scan)
+        {
+            let mut ids = Vec::new();
+            for b in run(&ctx, &sql, params).await? {
+                let col = b.column(0).as_fixed_size_binary();
+                ids.extend(
+                    col.iter()
+                        .flatten()
+                        .filter_map(|v| <[u8; 16]>::try_from(v).ok()),
+                );
+            }
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            if ids.len() <= MAX_NARROWED_TRACES {
+                only = ids;
+            }
+        }
+        let (sql, params) = search_sql(q, scan, &only);
         let batches = run(&ctx, &sql, params).await?;
         let mut traces = Vec::new();
         for b in &batches {
@@ -426,58 +559,57 @@ impl QueryEngine {
             for r in 0..b.num_rows() {
                 let s = start.value(r);
                 let e = end.value(r);
-                traces.push(TraceSummary {
-                    trace_id: hex(ids.value(r)),
-                    totals: TraceTotals {
-                        root_name: opt_str(&root_name, r).unwrap_or_default(),
-                        root_service: opt_str(&root_service, r).unwrap_or_default(),
-                        start_time: rfc3339(s),
-                        start_ns: s,
-                        end_ns: e,
-                        duration_ms: ms(e - s),
-                        span_count: count.value(r).max(0) as u64,
-                        input_tokens: opt_i64(&tin, r).unwrap_or(0),
-                        output_tokens: opt_i64(&tout, r).unwrap_or(0),
-                        total_tokens: opt_i64(&ttot, r).unwrap_or(0),
-                        cost_usd: opt_f64(&cost, r).unwrap_or(0.0),
-                        error: err.value(r) > 0,
+                let id: [u8; 16] = ids
+                    .value(r)
+                    .try_into()
+                    .map_err(|_| QueryError::Internal("trace id of a wrong size".into()))?;
+                traces.push(Hit {
+                    id,
+                    start_ns: s,
+                    summary: TraceSummary {
+                        trace_id: hex(&id),
+                        totals: TraceTotals {
+                            root_name: opt_str(&root_name, r).unwrap_or_default(),
+                            root_service: opt_str(&root_service, r).unwrap_or_default(),
+                            start_time: rfc3339(s),
+                            start_ns: s,
+                            end_ns: e,
+                            duration_ms: ms(e - s),
+                            span_count: count.value(r).max(0) as u64,
+                            input_tokens: opt_i64(&tin, r).unwrap_or(0),
+                            output_tokens: opt_i64(&tout, r).unwrap_or(0),
+                            total_tokens: opt_i64(&ttot, r).unwrap_or(0),
+                            cost_usd: opt_f64(&cost, r).unwrap_or(0.0),
+                            error: err.value(r) > 0,
+                        },
                     },
                 });
             }
         }
-        Ok(SearchResponse {
-            traces,
-            start_ns: q.start_ns,
-            end_ns: q.end_ns,
-            limit: q.limit,
-        })
+        Ok(traces)
     }
 }
 
-/// Builds the search SQL and its parameters.
-///
-/// Duplicated spans (a client retry, a replay) are folded first by (trace_id,
-/// span_id); then spans are grouped into traces; then trace-level filters apply.
-fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
-    let mut params: Vec<ScalarValue> = Vec::new();
-    let mut p = |v: ScalarValue| {
-        params.push(v);
-        format!("${}", params.len())
-    };
-    let text = |s: &String| ScalarValue::Utf8(Some(s.clone()));
-    let scan_start = p(ScalarValue::Int64(Some(scan.0)));
-    let scan_end = p(ScalarValue::Int64(Some(scan.1)));
+/// One trace a search found.
+struct Hit {
+    id: [u8; 16],
+    start_ns: i64,
+    summary: TraceSummary,
+}
 
-    // Span-level conditions, each turned into a per-trace "some span matches" flag.
-    let mut span_conds: Vec<String> = Vec::new();
+/// A search's span-level conditions (a trace matches when, for each, one of its spans
+/// does); values become parameters through `p`.
+fn span_conditions(q: &SearchQuery, p: &mut impl FnMut(ScalarValue) -> String) -> Vec<String> {
+    let text = |s: &String| ScalarValue::Utf8(Some(s.clone()));
+    let mut conds: Vec<String> = Vec::new();
     if let Some(v) = &q.service {
-        span_conds.push(format!("{} = {}", col::SERVICE_NAME, p(text(v))));
+        conds.push(format!("{} = {}", col::SERVICE_NAME, p(text(v))));
     }
     if let Some(v) = &q.name {
-        span_conds.push(format!("{} = {}", col::NAME, p(text(v))));
+        conds.push(format!("{} = {}", col::NAME, p(text(v))));
     }
     if let Some(k) = q.llm_kind {
-        span_conds.push(format!(
+        conds.push(format!(
             "{} = {}",
             col::LLM_KIND,
             p(ScalarValue::Utf8(Some(k.as_str().to_owned())))
@@ -485,7 +617,7 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
     }
     if let Some(v) = &q.model {
         let m = p(text(v));
-        span_conds.push(format!(
+        conds.push(format!(
             "({} = {m} OR {} = {m})",
             col::REQUEST_MODEL,
             col::RESPONSE_MODEL
@@ -498,9 +630,67 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
         (col::PROMPT_VERSION, &q.prompt_version),
     ] {
         if let Some(v) = v {
-            span_conds.push(format!("{column} = {}", p(text(v))));
+            conds.push(format!("{column} = {}", p(text(v))));
         }
     }
+    conds
+}
+
+/// The ids of traces that have, for every span-level condition of the search (and an
+/// error, for `status=error`), a span meeting it; `None` when the search has no such
+/// condition. Reads only the conditions' columns and the trace id.
+fn narrowing_sql(q: &SearchQuery, scan: (i64, i64)) -> Option<(String, Vec<ScalarValue>)> {
+    let mut params: Vec<ScalarValue> = Vec::new();
+    let mut p = |v: ScalarValue| {
+        params.push(v);
+        format!("${}", params.len())
+    };
+    let scan_start = p(ScalarValue::Int64(Some(scan.0)));
+    let scan_end = p(ScalarValue::Int64(Some(scan.1)));
+    let mut conds = span_conditions(q, &mut p);
+    if q.status == Some(StatusFilter::Error) {
+        conds.push(format!("{} = 'ERROR'", col::STATUS));
+    }
+    if conds.is_empty() {
+        return None;
+    }
+    let range = format!("start_ns >= {scan_start} AND start_ns < {scan_end}");
+    let sql = conds
+        .iter()
+        .map(|c| {
+            format!(
+                "(SELECT trace_id FROM blocks WHERE {range} AND {c} \
+                 UNION SELECT trace_id FROM head WHERE {range} AND {c})"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" INTERSECT ");
+    Some((sql, params))
+}
+
+/// Builds the search SQL and its parameters.
+///
+/// Duplicated spans (a client retry, a replay) are folded first by (trace_id,
+/// span_id); then spans are grouped into traces; then trace-level filters apply.
+fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, Vec<ScalarValue>) {
+    let mut params: Vec<ScalarValue> = Vec::new();
+    let mut p = |v: ScalarValue| {
+        params.push(v);
+        format!("${}", params.len())
+    };
+    let scan_start = p(ScalarValue::Int64(Some(scan.0)));
+    let scan_end = p(ScalarValue::Int64(Some(scan.1)));
+    let mut span_where = format!("start_ns >= {scan_start} AND start_ns < {scan_end}");
+    if !only.is_empty() {
+        let ids: Vec<String> = only
+            .iter()
+            .map(|id| p(ScalarValue::FixedSizeBinary(16, Some(id.to_vec()))))
+            .collect();
+        span_where.push_str(&format!(" AND trace_id IN ({})", ids.join(", ")));
+    }
+
+    // Span-level conditions, each turned into a per-trace "some span matches" flag.
+    let span_conds = span_conditions(q, &mut p);
     let flag_cols: String = span_conds
         .iter()
         .enumerate()
@@ -545,9 +735,9 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64)) -> (String, Vec<ScalarValue>) {
 
     let sql = format!(
         "WITH spans AS (\
-            SELECT * FROM blocks WHERE start_ns >= {scan_start} AND start_ns < {scan_end} \
+            SELECT * FROM blocks WHERE {span_where} \
             UNION ALL \
-            SELECT * FROM head WHERE start_ns >= {scan_start} AND start_ns < {scan_end}), \
+            SELECT * FROM head WHERE {span_where}), \
          dedup AS (\
             SELECT trace_id, span_id, \
               max(CASE WHEN parent_span_id IS NULL THEN 1 ELSE 0 END) AS is_root, \
@@ -889,9 +1079,141 @@ mod tests {
             limit: 5,
             ..SearchQuery::default()
         };
-        let (sql, params) = search_sql(&q, (0, 10));
+        let (sql, params) = search_sql(&q, (0, 10), &[]);
         assert!(!sql.contains("OR 1=1"));
         assert!(!sql.contains("gpt-4o"));
         assert!(params.contains(&ScalarValue::Utf8(Some("x' OR 1=1 --".into()))));
+    }
+}
+
+#[cfg(test)]
+mod search_rounds {
+    use super::*;
+    use crate::index::StorageIndex;
+    use loupe_core::SpanRecord;
+    use loupe_core::span::{StatusCode, spans_to_batch};
+    use loupe_core::storage::Storage;
+
+    const S: u64 = 1_000_000_000;
+
+    fn span(trace: u8, id: u8, parent: Option<u8>, start_s: u64) -> SpanRecord {
+        SpanRecord {
+            trace_id: vec![trace; 16],
+            span_id: vec![id; 8],
+            parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+            name: if parent.is_none() { "root" } else { "llm" }.into(),
+            service_name: "svc".into(),
+            start_ns: start_s * S,
+            end_ns: start_s * S + S / 2,
+            status: StatusCode::Ok as i32,
+            ..Default::default()
+        }
+    }
+
+    /// Six blocks of ten traces each, an hour apart, newest last; trace 200 starts in
+    /// block 4 and ends in block 5 (its error child arrived in the newer block).
+    async fn engines() -> (QueryEngine, QueryEngine, TenantId, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        let tenant: TenantId = "ns/p".parse().unwrap();
+        for block in 0..6u64 {
+            let base = 100_000 + block * 3_600;
+            let mut spans = Vec::new();
+            for t in 0..10u8 {
+                let trace = block as u8 * 10 + t + 1;
+                spans.push(span(trace, 1, None, base + t as u64 * 60));
+                let mut child = span(trace, 2, Some(1), base + t as u64 * 60 + 5);
+                if t == 3 {
+                    child.status = StatusCode::Error as i32;
+                    child.response_model = Some("gpt-4o".into());
+                }
+                spans.push(child);
+            }
+            if block == 4 {
+                spans.push(span(200, 1, None, base + 3_590));
+            }
+            if block == 5 {
+                let mut child = span(200, 2, Some(1), base - 10 + 600);
+                child.status = StatusCode::Error as i32;
+                spans.push(child);
+            }
+            let job = loupe_ingester::writer::BlockJob::new(
+                tenant.clone(),
+                block,
+                block,
+                vec![spans_to_batch(&spans).unwrap()],
+                0,
+                0,
+            );
+            loupe_ingester::block::write(&storage, "t", &job)
+                .await
+                .unwrap();
+        }
+        let index = StorageIndex::new(storage.clone());
+        index.refresh().await.unwrap();
+        let source: Arc<dyn SpanSource> = Arc::new(index);
+        let one_pass = QueryEngine::new(source.clone(), storage.object_store());
+        let rounds = QueryEngine::new(source, storage.object_store()).with_first_round_spans(1);
+        (one_pass, rounds, tenant, dir)
+    }
+
+    #[tokio::test]
+    async fn reading_blocks_newest_first_gives_the_page_of_one_pass() {
+        let (one_pass, rounds, tenant, _dir) = engines().await;
+        let base = SearchQuery {
+            start_ns: 0,
+            end_ns: 1_000_000 * S as i64,
+            limit: 5,
+            ..SearchQuery::default()
+        };
+        let queries = [
+            base.clone(),
+            SearchQuery {
+                limit: 1000,
+                ..base.clone()
+            },
+            SearchQuery {
+                limit: 12,
+                ..base.clone()
+            },
+            SearchQuery {
+                status: Some(StatusFilter::Error),
+                ..base.clone()
+            },
+            SearchQuery {
+                model: Some("gpt-4o".into()),
+                limit: 3,
+                ..base.clone()
+            },
+            SearchQuery {
+                service: Some("nobody".into()),
+                ..base.clone()
+            },
+        ];
+        for q in &queries {
+            let want = one_pass.search(&tenant, q).await.unwrap();
+            let got = rounds.search(&tenant, q).await.unwrap();
+            assert_eq!(got, want, "{q:?}");
+        }
+        // The trace split across blocks is summed whole, at its root's start.
+        let errors = rounds.search(&tenant, &queries[3]).await.unwrap();
+        let split = errors
+            .traces
+            .iter()
+            .find(|t| t.trace_id == hex(&[200; 16]))
+            .expect("the split trace is found");
+        assert_eq!(split.totals.span_count, 2);
+        assert_eq!(
+            split.totals.start_ns,
+            (100_000 + 4 * 3_600 + 3_590) * S as i64
+        );
+        assert_eq!(errors.traces.len(), 5);
+        let all = rounds.search(&tenant, &queries[1]).await.unwrap();
+        assert_eq!(all.traces.len(), 61);
+        assert!(
+            all.traces
+                .windows(2)
+                .all(|w| w[0].totals.start_ns >= w[1].totals.start_ns)
+        );
     }
 }

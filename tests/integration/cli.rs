@@ -120,3 +120,70 @@ async fn demo_sends_every_scenario_through_otlp() {
     assert!(!loupe.search_ids("status=error").await.is_empty());
     assert!(traces.iter().any(|t| t["cost_usd"].as_f64().unwrap() > 0.0));
 }
+
+#[tokio::test]
+async fn generate_writes_blocks_that_standalone_serves_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = dir.path().join("blocks");
+    let out = loupe_cmd(&[
+        "generate",
+        "--storage",
+        blocks.to_str().unwrap(),
+        "--spans",
+        "3k",
+        "--block-spans",
+        "1k",
+        "--window",
+        "2h",
+    ]);
+    // "wrote N spans (T traces) in 3 blocks, …"
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words[0], "wrote", "{out}");
+    let spans: u64 = words[1].parse().unwrap();
+    let traces: usize = words[3].trim_start_matches('(').parse().unwrap();
+    assert!((3_000..3_300).contains(&spans), "{out}");
+    assert!(out.contains("in 3 blocks"), "{out}");
+    let metas = walk(&blocks)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".meta.json"))
+        .count();
+    assert_eq!(metas, 3);
+
+    // Standalone finds the blocks under its data directory and serves every span.
+    let loupe = Loupe::start(dir.path(), &[]);
+    let found: serde_json::Value = reqwest::get(format!(
+        "{}/api/v1/traces?since=3h&limit=1000",
+        loupe.query
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let found = found["traces"].as_array().unwrap();
+    assert_eq!(found.len(), traces);
+    let span_sum: u64 = found.iter().map(|t| t["span_count"].as_u64().unwrap()).sum();
+    assert_eq!(span_sum, spans);
+    assert!(found.iter().any(|t| t["cost_usd"].as_f64().unwrap() > 0.0));
+    let metrics: serde_json::Value = reqwest::get(format!(
+        "{}/api/v1/metrics?since=3h&step=3h&group_by=model",
+        loupe.query
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        metrics["series"].as_array().unwrap().len() >= 3,
+        "several models: {metrics}"
+    );
+
+    // Bad counts are refused with the reason.
+    let bad = Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args(["generate", "--storage", blocks.to_str().unwrap(), "--spans", "0"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be between 1 and"));
+}

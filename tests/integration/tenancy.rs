@@ -478,4 +478,99 @@ async fn a_project_over_its_rate_limit_is_told_to_retry_and_others_are_not() {
         ) >= 1.0,
         "{m}"
     );
+    // Usage series are off unless the config turns them on.
+    assert!(!m.contains("loupe_llm_calls_total{"), "{m}");
+}
+
+/// Sends one trace of `simple_trace` whose LLM call names `model`; returns its id.
+async fn export_model(loupe: &Loupe, key: &str, model: &str) -> String {
+    use prost::Message;
+    let (trace, mut req) = simple_trace("svc", "u");
+    let llm = &mut req.resource_spans[0].scope_spans[0].spans[1];
+    for a in &mut llm.attributes {
+        if a.key == "llm.model_name" {
+            *a = kv("llm.model_name", model);
+        }
+    }
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/traces", loupe.http))
+        .header("content-type", "application/x-protobuf")
+        .bearer_auth(key)
+        .body(req.encode_to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    hex(&trace)
+}
+
+#[tokio::test]
+async fn usage_metrics_count_llm_calls_per_project_with_a_bound_on_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Keys::new(), Keys::new());
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "usage_metrics: {{ enabled: true, max_models_per_tenant: 2 }}\ntenants:\n{}{}",
+            a.yaml("ns/a", "prod"),
+            b.yaml("ns/b", "dev")
+        ),
+    )
+    .unwrap();
+    let loupe = Loupe::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(export_model(&loupe, &a.ingest, "gpt-4o-mini").await);
+    }
+    // The bound is two models per project: the third and fourth share "other".
+    for model in ["gpt-4o", "claude-3-5-haiku", "o1"] {
+        export_model(&loupe, &a.ingest, model).await;
+    }
+    export_model(&loupe, &b.ingest, "o1").await;
+
+    let m = loupe.metrics().await;
+    let series = |name: &str, tenant: &str, model: &str| {
+        metric(
+            &m,
+            &format!("loupe_llm_{name}{{tenant=\"{tenant}\",model=\"{model}\"}}"),
+        )
+    };
+    assert_eq!(series("calls_total", "ns/a", "gpt-4o-mini"), 3.0, "{m}");
+    assert_eq!(series("calls_total", "ns/a", "gpt-4o"), 1.0, "{m}");
+    assert_eq!(series("calls_total", "ns/a", "other"), 2.0, "{m}");
+    assert_eq!(series("calls_total", "ns/b", "o1"), 1.0, "{m}");
+    assert_eq!(
+        m.lines()
+            .filter(|l| l.starts_with("loupe_llm_calls_total{"))
+            .count(),
+        4,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "loupe_llm_tokens_total{tenant=\"ns/a\",model=\"gpt-4o-mini\",direction=\"input\"}"
+        ),
+        3600.0,
+        "{m}"
+    );
+    assert_eq!(
+        series("call_duration_seconds_count", "ns/a", "gpt-4o-mini"),
+        3.0
+    );
+    // The cost series is the cost the query API shows for the same calls.
+    let trace = await_status(&loupe, &a.query, &format!("/api/v1/traces/{}", ids[0]), 200).await;
+    let cost = trace["cost_usd"].as_f64().unwrap();
+    assert!(cost > 0.0, "{trace}");
+    let counted = series("cost_usd_total", "ns/a", "gpt-4o-mini");
+    assert!(
+        (counted - 3.0 * cost).abs() < 1e-9,
+        "{counted} vs 3 × {cost}"
+    );
+    // Keys never become labels.
+    assert!(!m.contains(&a.ingest) && !m.contains(&b.ingest));
 }
