@@ -47,7 +47,7 @@ pub struct Args {
     /// Spans per block (a writer flushing 128 MiB of spans writes blocks of this order).
     #[arg(long, default_value = "100k", value_parser = parse_count)]
     block_spans: u64,
-    /// Random seed: the same seed, counts and window give the same spans.
+    /// Random seed: the same seed, counts, window and --end give the same spans.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// The project's environment, for spans that name none.

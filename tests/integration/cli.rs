@@ -151,29 +151,20 @@ async fn generate_writes_blocks_that_standalone_serves_whole() {
 
     // Standalone finds the blocks under its data directory and serves every span.
     let loupe = Loupe::start(dir.path(), &[]);
-    let found: serde_json::Value = reqwest::get(format!(
-        "{}/api/v1/traces?since=3h&limit=1000",
-        loupe.query
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let (status, found) = loupe.get("/api/v1/traces?since=3h&limit=1000").await;
+    assert_eq!(status, 200, "{found}");
     let found = found["traces"].as_array().unwrap();
     assert_eq!(found.len(), traces);
-    let span_sum: u64 = found.iter().map(|t| t["span_count"].as_u64().unwrap()).sum();
+    let span_sum: u64 = found
+        .iter()
+        .map(|t| t["span_count"].as_u64().unwrap())
+        .sum();
     assert_eq!(span_sum, spans);
     assert!(found.iter().any(|t| t["cost_usd"].as_f64().unwrap() > 0.0));
-    let metrics: serde_json::Value = reqwest::get(format!(
-        "{}/api/v1/metrics?since=3h&step=3h&group_by=model",
-        loupe.query
-    ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let (status, metrics) = loupe
+        .get("/api/v1/metrics?since=3h&step=3h&group_by=model")
+        .await;
+    assert_eq!(status, 200, "{metrics}");
     assert!(
         metrics["series"].as_array().unwrap().len() >= 3,
         "several models: {metrics}"
@@ -181,7 +172,13 @@ async fn generate_writes_blocks_that_standalone_serves_whole() {
 
     // Bad counts are refused with the reason.
     let bad = Command::new(env!("CARGO_BIN_EXE_loupe"))
-        .args(["generate", "--storage", blocks.to_str().unwrap(), "--spans", "0"])
+        .args([
+            "generate",
+            "--storage",
+            blocks.to_str().unwrap(),
+            "--spans",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(!bad.status.success());
