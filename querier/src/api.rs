@@ -702,10 +702,11 @@ pub fn parse_duration(v: &str, bare_unit: Option<Duration>) -> Result<Duration, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    /// Query parameters from pairs.
+    pub(crate) fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -597,26 +597,38 @@ struct Hit {
     summary: TraceSummary,
 }
 
+/// Collects SQL parameters: each value becomes the next placeholder (`$1`, `$2`, …).
+#[derive(Default)]
+pub(crate) struct Params(pub(crate) Vec<ScalarValue>);
+
+impl Params {
+    pub(crate) fn push(&mut self, v: ScalarValue) -> String {
+        self.0.push(v);
+        format!("${}", self.0.len())
+    }
+    pub(crate) fn text(&mut self, s: &str) -> String {
+        self.push(ScalarValue::Utf8(Some(s.to_owned())))
+    }
+    pub(crate) fn int(&mut self, v: i64) -> String {
+        self.push(ScalarValue::Int64(Some(v)))
+    }
+}
+
 /// A search's span-level conditions (a trace matches when, for each, one of its spans
 /// does); values become parameters through `p`.
-fn span_conditions(q: &SearchQuery, p: &mut impl FnMut(ScalarValue) -> String) -> Vec<String> {
-    let text = |s: &String| ScalarValue::Utf8(Some(s.clone()));
+fn span_conditions(q: &SearchQuery, p: &mut Params) -> Vec<String> {
     let mut conds: Vec<String> = Vec::new();
     if let Some(v) = &q.service {
-        conds.push(format!("{} = {}", col::SERVICE_NAME, p(text(v))));
+        conds.push(format!("{} = {}", col::SERVICE_NAME, p.text(v)));
     }
     if let Some(v) = &q.name {
-        conds.push(format!("{} = {}", col::NAME, p(text(v))));
+        conds.push(format!("{} = {}", col::NAME, p.text(v)));
     }
     if let Some(k) = q.llm_kind {
-        conds.push(format!(
-            "{} = {}",
-            col::LLM_KIND,
-            p(ScalarValue::Utf8(Some(k.as_str().to_owned())))
-        ));
+        conds.push(format!("{} = {}", col::LLM_KIND, p.text(k.as_str())));
     }
     if let Some(v) = &q.model {
-        let m = p(text(v));
+        let m = p.text(v);
         conds.push(format!(
             "({} = {m} OR {} = {m})",
             col::REQUEST_MODEL,
@@ -630,7 +642,7 @@ fn span_conditions(q: &SearchQuery, p: &mut impl FnMut(ScalarValue) -> String) -
         (col::PROMPT_VERSION, &q.prompt_version),
     ] {
         if let Some(v) = v {
-            conds.push(format!("{column} = {}", p(text(v))));
+            conds.push(format!("{column} = {}", p.text(v)));
         }
     }
     conds
@@ -640,13 +652,9 @@ fn span_conditions(q: &SearchQuery, p: &mut impl FnMut(ScalarValue) -> String) -
 /// error, for `status=error`), a span meeting it; `None` when the search has no such
 /// condition. Reads only the conditions' columns and the trace id.
 fn narrowing_sql(q: &SearchQuery, scan: (i64, i64)) -> Option<(String, Vec<ScalarValue>)> {
-    let mut params: Vec<ScalarValue> = Vec::new();
-    let mut p = |v: ScalarValue| {
-        params.push(v);
-        format!("${}", params.len())
-    };
-    let scan_start = p(ScalarValue::Int64(Some(scan.0)));
-    let scan_end = p(ScalarValue::Int64(Some(scan.1)));
+    let mut p = Params::default();
+    let scan_start = p.int(scan.0);
+    let scan_end = p.int(scan.1);
     let mut conds = span_conditions(q, &mut p);
     if q.status == Some(StatusFilter::Error) {
         conds.push(format!("{} = 'ERROR'", col::STATUS));
@@ -665,7 +673,7 @@ fn narrowing_sql(q: &SearchQuery, scan: (i64, i64)) -> Option<(String, Vec<Scala
         })
         .collect::<Vec<_>>()
         .join(" INTERSECT ");
-    Some((sql, params))
+    Some((sql, p.0))
 }
 
 /// Builds the search SQL and its parameters.
@@ -673,18 +681,14 @@ fn narrowing_sql(q: &SearchQuery, scan: (i64, i64)) -> Option<(String, Vec<Scala
 /// Duplicated spans (a client retry, a replay) are folded first by (trace_id,
 /// span_id); then spans are grouped into traces; then trace-level filters apply.
 fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, Vec<ScalarValue>) {
-    let mut params: Vec<ScalarValue> = Vec::new();
-    let mut p = |v: ScalarValue| {
-        params.push(v);
-        format!("${}", params.len())
-    };
-    let scan_start = p(ScalarValue::Int64(Some(scan.0)));
-    let scan_end = p(ScalarValue::Int64(Some(scan.1)));
+    let mut p = Params::default();
+    let scan_start = p.int(scan.0);
+    let scan_end = p.int(scan.1);
     let mut span_where = format!("start_ns >= {scan_start} AND start_ns < {scan_end}");
     if !only.is_empty() {
         let ids: Vec<String> = only
             .iter()
-            .map(|id| p(ScalarValue::FixedSizeBinary(16, Some(id.to_vec()))))
+            .map(|id| p.push(ScalarValue::FixedSizeBinary(16, Some(id.to_vec()))))
             .collect();
         span_where.push_str(&format!(" AND trace_id IN ({})", ids.join(", ")));
     }
@@ -701,8 +705,8 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, 
         .collect();
 
     let mut trace_conds = vec![
-        format!("start_ns >= {}", p(ScalarValue::Int64(Some(q.start_ns)))),
-        format!("start_ns < {}", p(ScalarValue::Int64(Some(q.end_ns)))),
+        format!("start_ns >= {}", p.int(q.start_ns)),
+        format!("start_ns < {}", p.int(q.end_ns)),
     ];
     trace_conds.extend((0..span_conds.len()).map(|i| format!("m{i} = 1")));
     match q.status {
@@ -711,26 +715,20 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, 
         None => {}
     }
     if let Some(v) = q.min_duration_ns {
-        trace_conds.push(format!(
-            "end_ns - start_ns >= {}",
-            p(ScalarValue::Int64(Some(v)))
-        ));
+        trace_conds.push(format!("end_ns - start_ns >= {}", p.int(v)));
     }
     if let Some(v) = q.max_duration_ns {
-        trace_conds.push(format!(
-            "end_ns - start_ns <= {}",
-            p(ScalarValue::Int64(Some(v)))
-        ));
+        trace_conds.push(format!("end_ns - start_ns <= {}", p.int(v)));
     }
     if let Some(v) = q.min_cost_usd {
         trace_conds.push(format!(
             "coalesce(cost_usd, 0) >= {}",
-            p(ScalarValue::Float64(Some(v)))
+            p.push(ScalarValue::Float64(Some(v)))
         ));
     }
-    let limit = p(ScalarValue::Int64(Some(q.limit as i64)));
+    let limit = p.int(q.limit as i64);
     if !q.scores.is_empty() {
-        trace_conds.push(crate::scores::score_filter_sql(&q.scores, &mut params));
+        trace_conds.push(crate::scores::score_filter_sql(&q.scores, &mut p));
     }
 
     let sql = format!(
@@ -764,7 +762,7 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, 
          ORDER BY start_ns DESC, trace_id ASC LIMIT {limit}",
         trace_conds.join(" AND ")
     );
-    (sql, params)
+    (sql, p.0)
 }
 
 pub(crate) fn column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, QueryError> {

@@ -134,11 +134,11 @@ fn parse_score_filter(c: &str) -> Result<ScoreFilter, String> {
 
 /// The SQL condition selecting traces that match every filter; values are added to
 /// `params` (whose length gives the next placeholder number).
-pub(crate) fn score_filter_sql(filters: &[ScoreFilter], params: &mut Vec<ScalarValue>) -> String {
-    let mut p = |v: ScalarValue| {
-        params.push(v);
-        format!("${}", params.len())
-    };
+pub(crate) fn score_filter_sql(
+    filters: &[ScoreFilter],
+    params: &mut crate::engine::Params,
+) -> String {
+    let mut p = |v: ScalarValue| params.push(v);
     filters
         .iter()
         .map(|f| {
@@ -471,13 +471,13 @@ mod tests {
 
     #[test]
     fn score_filter_values_are_parameters() {
-        let mut params = vec![ScalarValue::Int64(Some(0))];
+        let mut params = crate::engine::Params(vec![ScalarValue::Int64(Some(0))]);
         let f = parse_score_filters("x'); DROP TABLE t; --<0.5").unwrap();
         assert_eq!(f[0].name, "x'); DROP TABLE t; --");
         let sql = score_filter_sql(&f, &mut params);
         assert!(!sql.contains("DROP"));
         assert!(sql.contains("name = $2 AND value < $3"), "{sql}");
-        assert_eq!(params[1], ScalarValue::Utf8(Some(f[0].name.clone())));
-        assert_eq!(params.len(), 3);
+        assert_eq!(params.0[1], ScalarValue::Utf8(Some(f[0].name.clone())));
+        assert_eq!(params.0.len(), 3);
     }
 }

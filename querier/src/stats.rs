@@ -33,7 +33,9 @@ use datafusion::common::ScalarValue;
 use loupe_core::{LlmKind, TenantId};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{QueryEngine, QueryError, SamplingInfo, StatusFilter, check_range, run};
+use crate::engine::{
+    Params, QueryEngine, QueryError, SamplingInfo, StatusFilter, check_range, run,
+};
 use crate::model::rfc3339;
 
 /// Most buckets one query may ask for.
@@ -415,22 +417,6 @@ fn humantime_fmt(d: Duration) -> String {
     }
 }
 
-/// Collects SQL parameters; `$1` and `$2` are the scan range.
-struct Params(Vec<ScalarValue>);
-
-impl Params {
-    fn push(&mut self, v: ScalarValue) -> String {
-        self.0.push(v);
-        format!("${}", self.0.len())
-    }
-    fn text(&mut self, s: &str) -> String {
-        self.push(ScalarValue::Utf8(Some(s.to_owned())))
-    }
-    fn int(&mut self, v: i64) -> String {
-        self.push(ScalarValue::Int64(Some(v)))
-    }
-}
-
 /// The SQL expression of a dimension over one span row; `p` prefixes columns
 /// (`s.` inside a join). The feature is the `feature` column of the `spans` CTE.
 fn span_expr(d: Dimension, p: &str) -> String {
@@ -781,13 +767,7 @@ fn collect_series(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::api::tests::params;
 
     const HOUR: i64 = 3_600 * 1_000_000_000;
 

@@ -33,10 +33,13 @@ impl Keys {
     }
 }
 
-/// Exports one trace over OTLP/HTTP with `key`; returns the status.
-async fn export(loupe: &Loupe, key: Option<&str>, service: &str) -> (u16, String, String) {
+/// Posts an export request over OTLP/HTTP with `key`.
+async fn post(
+    loupe: &Loupe,
+    key: Option<&str>,
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> reqwest::Response {
     use prost::Message;
-    let (trace, req) = simple_trace(service, "u");
     let mut post = reqwest::Client::new()
         .post(format!("{}/v1/traces", loupe.http))
         .header("content-type", "application/x-protobuf")
@@ -44,7 +47,13 @@ async fn export(loupe: &Loupe, key: Option<&str>, service: &str) -> (u16, String
     if let Some(key) = key {
         post = post.bearer_auth(key);
     }
-    let r = post.send().await.unwrap();
+    post.send().await.unwrap()
+}
+
+/// Exports one trace over OTLP/HTTP with `key`; returns the status.
+async fn export(loupe: &Loupe, key: Option<&str>, service: &str) -> (u16, String, String) {
+    let (trace, req) = simple_trace(service, "u");
+    let r = post(loupe, key, &req).await;
     let status = r.status().as_u16();
     (status, hex(&trace), r.text().await.unwrap_or_default())
 }
@@ -410,7 +419,6 @@ async fn keys_new_prints_a_key_and_the_config_line_that_admits_it() {
 
 #[tokio::test]
 async fn a_project_over_its_rate_limit_is_told_to_retry_and_others_are_not() {
-    use prost::Message;
     let dir = tempfile::tempdir().unwrap();
     let (limited, free) = (Keys::new(), Keys::new());
     let config = dir.path().join("config.yaml");
@@ -433,14 +441,7 @@ async fn a_project_over_its_rate_limit_is_told_to_retry_and_others_are_not() {
     let mut refusal = None;
     for _ in 0..15 {
         let (_, req) = simple_trace("svc", "u");
-        let r = reqwest::Client::new()
-            .post(format!("{}/v1/traces", loupe.http))
-            .header("content-type", "application/x-protobuf")
-            .bearer_auth(&limited.ingest)
-            .body(req.encode_to_vec())
-            .send()
-            .await
-            .unwrap();
+        let r = post(&loupe, Some(&limited.ingest), &req).await;
         statuses.push(r.status().as_u16());
         if r.status() == 429 && refusal.is_none() {
             let retry = r.headers()["retry-after"].to_str().unwrap().to_owned();
@@ -484,7 +485,6 @@ async fn a_project_over_its_rate_limit_is_told_to_retry_and_others_are_not() {
 
 /// Sends one trace of `simple_trace` whose LLM call names `model`; returns its id.
 async fn export_model(loupe: &Loupe, key: &str, model: &str) -> String {
-    use prost::Message;
     let (trace, mut req) = simple_trace("svc", "u");
     let llm = &mut req.resource_spans[0].scope_spans[0].spans[1];
     for a in &mut llm.attributes {
@@ -492,14 +492,7 @@ async fn export_model(loupe: &Loupe, key: &str, model: &str) -> String {
             *a = kv("llm.model_name", model);
         }
     }
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/traces", loupe.http))
-        .header("content-type", "application/x-protobuf")
-        .bearer_auth(key)
-        .body(req.encode_to_vec())
-        .send()
-        .await
-        .unwrap();
+    let r = post(loupe, Some(key), &req).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     hex(&trace)
 }
