@@ -402,7 +402,7 @@ impl ConsumerContext for WriterContext {
                 };
                 // Undecided traces are not written: their records lie after the
                 // commit point, so the next owner reads and decides them.
-                match self.shared.flush(p, &mut state, true) {
+                match self.shared.flush(p, &mut state, Instant::now(), true) {
                     Ok(()) => self
                         .shared
                         .commit(consumer, p, &mut state, CommitMode::Sync),
@@ -460,9 +460,10 @@ impl Shared {
         &self,
         partition: i32,
         state: &mut PartitionState,
+        now: Instant,
         force: bool,
     ) -> Result<(), FlushError> {
-        let jobs = state.writer.due_blocks(Instant::now(), force)?;
+        let jobs = state.writer.due_blocks(now, force)?;
         for job in jobs {
             self.write_block(partition, &job)?;
             state.writer.written(&job);
@@ -712,6 +713,7 @@ pub fn run_writer(
     tracing::info!(topic = %config.topic, group = %settings.group_id, "writer joined the consumer group");
 
     let mut last_maintenance = Instant::now();
+    let mut clock = ConsumeClock::new();
     let mut last_lag = Instant::now();
     let mut watch = AssignmentWatch::new(settings.session_timeout);
     let mut rules_in_force = shared.rules.read().expect("rules lock").clone();
@@ -739,7 +741,7 @@ pub fn run_writer(
                 check_continuity(&consumer, &shared, partition, offset, state);
                 match decoded {
                     Ok((tenant, spans, scores)) => {
-                        let now = Instant::now();
+                        let now = clock.now();
                         state.writer.push(offset, &tenant, spans, now);
                         state.writer.push_scores(offset, &tenant, scores, now);
                     }
@@ -757,7 +759,7 @@ pub fn run_writer(
             continue;
         }
         last_maintenance = Instant::now();
-        let now = Instant::now();
+        let now = clock.now();
         let mut parts = shared.partitions.lock().expect("partitions lock");
         let retry_now = backoff_until.is_none_or(|t| now >= t);
         let mut failed = false;
@@ -769,7 +771,7 @@ pub fn run_writer(
                 state.writer.set_rules(rules_in_force.clone());
             }
             state.writer.tick(now);
-            if retry_now && let Err(e) = shared.flush(p, state, false) {
+            if retry_now && let Err(e) = shared.flush(p, state, now, false) {
                 failed = true;
                 shared.ingest_metrics.flush_errors.inc();
                 tracing::error!(partition = p, error = %e, retry_in = ?backoff, "writing a block failed; the spans stay buffered and uncommitted");
@@ -820,13 +822,15 @@ pub fn run_writer(
                 }
             }
         }
+        clock.stalled(last_maintenance.elapsed());
     }
 
     tracing::info!("writer stopping: writing decided spans and committing");
     let mut parts = shared.partitions.lock().expect("partitions lock");
     for (&p, state) in parts.iter_mut() {
-        state.writer.tick(Instant::now());
-        match shared.flush(p, state, true) {
+        let now = clock.now();
+        state.writer.tick(now);
+        match shared.flush(p, state, now, true) {
             Ok(()) => shared.commit(&consumer, p, state, CommitMode::Sync),
             Err(e) => {
                 tracing::error!(partition = p, error = %e, "final block write failed; the records are replayed by the next owner")
@@ -839,9 +843,48 @@ pub fn run_writer(
     Ok(())
 }
 
+/// The clock the writer's decision waits and flush intervals run on: wall time less
+/// the time the loop spent not consuming (writing blocks, committing, reading
+/// watermarks). A trace waits for spans that may still come; while the loop writes a
+/// block, they wait unread in Kafka. On the wall clock, a slow block write (a loaded
+/// disk, a slow object store) would use up the waits of every held trace, and traces
+/// would be decided without children already in the log.
+struct ConsumeClock {
+    origin: Instant,
+    stalled: Duration,
+}
+
+impl ConsumeClock {
+    fn new() -> ConsumeClock {
+        ConsumeClock {
+            origin: Instant::now(),
+            stalled: Duration::ZERO,
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.origin + self.origin.elapsed().saturating_sub(self.stalled)
+    }
+
+    /// Time spent away from consuming; it does not count.
+    fn stalled(&mut self, d: Duration) {
+        self.stalled += d;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_away_from_consuming_does_not_count() {
+        let mut clock = ConsumeClock::new();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(clock.now() > clock.origin, "consuming time counts");
+        // The whole life of the clock was spent writing: no wait has started running.
+        clock.stalled(Duration::from_secs(3600));
+        assert_eq!(clock.now(), clock.origin);
+    }
 
     #[test]
     fn a_share_below_every_balanced_assignment_is_stale() {

@@ -381,7 +381,7 @@ tenants:
   - id: default/default
     environment: prod
     sampling:
-      decision_wait: 4s
+      decision_wait: 10s
       keep_errors: true
       root_duration_over: 5s
       tokens_over: 20000
@@ -392,7 +392,8 @@ tenants:
 ";
 
 /// Sends the mix: every 10th trace has an error (on its child span, sent in a later
-/// export, after up to 20 other traces, so the decision must wait for it), every 10th+1 a slow
+/// export, after up to 20 other traces, so the decision must wait for it; the 10 s
+/// wait leaves a loaded machine room to send those 20), every 10th+1 a slow
 /// root, every 10th+2 many tokens, every 10th+3 an enterprise user; the rest are
 /// plain. Returns (all ids, ids the policy keeps).
 async fn send_sampling_mix(loupe: &Loupe, n: usize) -> (BTreeSet<String>, BTreeSet<String>) {
@@ -468,7 +469,7 @@ async fn search_all(loupe: &Loupe, service: &str) -> BTreeSet<String> {
 
 /// Waits until the sampler (`decider`: the writer, or standalone) has decided every
 /// trace of the mix: kept traces are written at once, dropped ones only after the
-/// 4 s decision wait.
+/// 10 s decision wait.
 async fn await_all_decided(decider: &Loupe, all: usize) {
     eventually(Duration::from_secs(90), || async move {
         let (keep, drop) = decisions(&decider.metrics().await);
