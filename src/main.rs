@@ -65,6 +65,49 @@ enum Command {
     /// Create API keys.
     #[command(subcommand)]
     Keys(keys_cmd::Keys),
+    /// Run the Kubernetes operator: reconciles TracePlatform, TraceProject,
+    /// SamplingPolicy and AlertRule resources.
+    Operator(operator_cmd::Args),
+    /// Print the CustomResourceDefinitions (`loupe crds | kubectl apply -f -`).
+    Crds,
+}
+
+mod operator_cmd {
+    use std::net::SocketAddr;
+
+    #[derive(clap::Args)]
+    pub struct Args {
+        /// `/metrics`, `/healthz` and `/readyz` listen address.
+        #[arg(long, env = "LOUPE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: SocketAddr,
+        /// Reconcile without taking the leader Lease (only when one replica runs).
+        #[arg(long)]
+        no_leader_election: bool,
+        /// Namespace of the leader Lease: the operator's own.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "loupe-system")]
+        lease_namespace: String,
+        /// Name of the leader Lease.
+        #[arg(long, default_value = "loupe-operator")]
+        lease_name: String,
+        /// This replica's identity in the Lease.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+    }
+
+    pub async fn run(args: Args) -> anyhow::Result<()> {
+        let identity = args
+            .identity
+            .unwrap_or_else(|| format!("loupe-operator-{}", std::process::id()));
+        loupe_operator::run::run(loupe_operator::run::Settings {
+            metrics_addr: args.metrics_addr,
+            leader_election: !args.no_leader_election,
+            lease_namespace: args.lease_namespace,
+            lease_name: args.lease_name,
+            identity,
+        })
+        .await?;
+        Ok(())
+    }
 }
 
 mod keys_cmd {
@@ -227,6 +270,11 @@ fn main() -> std::process::ExitCode {
             Command::Loadgen(args) => loadgen::run(args).await,
             Command::Generate(args) => generate::run(args).await,
             Command::Keys(keys) => keys_cmd::run(keys),
+            Command::Operator(args) => operator_cmd::run(args).await,
+            Command::Crds => {
+                print!("{}", loupe_operator::crdgen::all_yaml());
+                Ok(())
+            }
         }
     });
     match result {

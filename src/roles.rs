@@ -21,7 +21,9 @@ use loupe_querier::index::StorageIndex;
 use loupe_querier::{QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
 
-use crate::server::{Access, bind, ops_router, parse_duration, say, serve, shutdown_signal};
+use crate::server::{
+    Access, AuthMode, bind, ops_router, parse_duration, say, serve, shutdown_signal,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -316,13 +318,25 @@ pub struct AccessArgs {
     #[arg(long, env = "LOUPE_TENANT", default_value = "default/default")]
     tenant: TenantId,
     /// Serve without keys on a non-loopback address while the config lists none.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "require_keys")]
     no_auth: bool,
+    /// Admit only keys from the config, on any address, even while it lists none
+    /// (every request is refused until keys arrive by a reload). The operator runs
+    /// the roles this way.
+    #[arg(long, env = "LOUPE_REQUIRE_KEYS")]
+    require_keys: bool,
 }
 
 impl AccessArgs {
     fn load(&self, addrs: &[SocketAddr]) -> anyhow::Result<Access> {
-        Access::load(self.config.as_deref(), addrs, self.no_auth, &self.tenant)
+        let mode = if self.require_keys {
+            AuthMode::RequireKeys
+        } else if self.no_auth {
+            AuthMode::NoAuth
+        } else {
+            AuthMode::Default
+        };
+        Access::load(self.config.as_deref(), addrs, mode, &self.tenant)
     }
 }
 

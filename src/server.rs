@@ -33,13 +33,35 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, 
 /// Which tenant is served without a key while the config lists none: the given one
 /// on loopback or with `--no-auth`, nobody when exposed without `--no-auth` — then
 /// the config must list keys, or the role refuses to start.
+/// Who may use a role when the config has no keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Loopback: open to the default tenant. Any other address: keys, and the role
+    /// refuses to start while the config lists none.
+    Default,
+    /// Open to the default tenant wherever it listens while the config lists no key
+    /// (`--no-auth`).
+    NoAuth,
+    /// Keys only, wherever it listens; with none, every request is refused until a
+    /// reload brings some (`--require-keys`, how the operator runs the roles).
+    RequireKeys,
+}
+
 fn open_access(
     addrs: &[SocketAddr],
-    no_auth: bool,
+    mode: AuthMode,
     tenant: &TenantId,
     config: &DataPlaneConfig,
 ) -> anyhow::Result<Option<TenantId>> {
     let has_keys = config.tenants.iter().any(|t| !t.keys.is_empty());
+    if mode == AuthMode::RequireKeys {
+        if !has_keys {
+            tracing::warn!(
+                "the config lists no key yet: every request is refused until one is added"
+            );
+        }
+        return Ok(None);
+    }
     let exposed: Vec<String> = addrs
         .iter()
         .filter(|a| !a.ip().is_loopback())
@@ -48,7 +70,7 @@ fn open_access(
     if exposed.is_empty() {
         return Ok(Some(tenant.clone()));
     }
-    if no_auth {
+    if mode == AuthMode::NoAuth {
         if !has_keys {
             tracing::warn!(addresses = ?exposed, "AUTHENTICATION IS OFF: anyone who can reach these addresses can read and write traces (--no-auth)");
         }
@@ -178,11 +200,11 @@ impl Access {
     pub fn load(
         path: Option<&Path>,
         addrs: &[SocketAddr],
-        no_auth: bool,
+        mode: AuthMode,
         tenant: &TenantId,
     ) -> anyhow::Result<Access> {
         let config = load_config(path)?;
-        let open = open_access(addrs, no_auth, tenant, &config)?;
+        let open = open_access(addrs, mode, tenant, &config)?;
         let control = Arc::new(AccessControl::new(&config, open.clone()));
         Ok(Access {
             config,

@@ -14,7 +14,7 @@ use loupe_ingester::{EmbeddedQueue, Ingest, QueueConfig};
 use loupe_querier::{QueryEngine, QueryMetrics};
 use prometheus_client::registry::Registry;
 
-use crate::server::{Access, bind, parse_duration, say, serve, shutdown_signal};
+use crate::server::{Access, AuthMode, bind, parse_duration, say, serve, shutdown_signal};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -64,7 +64,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let access = Access::load(
         args.config.as_deref(),
         &[args.grpc_addr, args.http_addr, args.query_addr],
-        args.no_auth,
+        if args.no_auth {
+            AuthMode::NoAuth
+        } else {
+            AuthMode::Default
+        },
         &TenantId::default_tenant(),
     )?;
     let config = &access.config;

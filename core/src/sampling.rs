@@ -29,8 +29,11 @@ use crate::{Error, SpanRecord, StatusCode};
 /// The longest accepted [`SamplingPolicy::decision_wait`].
 pub const MAX_DECISION_WAIT: Duration = Duration::from_secs(10 * 60);
 
+/// How long a trace is held after its last span when the policy does not say.
+pub const DEFAULT_DECISION_WAIT: Duration = Duration::from_secs(10);
+
 fn default_decision_wait() -> Duration {
-    Duration::from_secs(10)
+    DEFAULT_DECISION_WAIT
 }
 fn default_keep_errors() -> bool {
     true

@@ -567,3 +567,49 @@ async fn usage_metrics_count_llm_calls_per_project_with_a_bound_on_models() {
     // Keys never become labels.
     assert!(!m.contains(&a.ingest) && !m.contains(&b.ingest));
 }
+
+/// The operator runs the roles with `--require-keys`: a role starts while its config
+/// lists no key, refuses every request, and serves a project once a reload brings
+/// its keys.
+#[tokio::test]
+async fn require_keys_starts_closed_and_admits_keys_as_they_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "tenants: []\n").unwrap();
+    let storage = dir.path().join("blocks");
+    std::fs::create_dir_all(&storage).unwrap();
+    let args: Vec<String> = [
+        "querier",
+        "--storage",
+        storage.to_str().unwrap(),
+        "--query-addr",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+        "--require-keys",
+    ]
+    .map(String::from)
+    .to_vec();
+    let querier = Loupe::spawn(&args, dir.path(), &[], &["query-api"]);
+    let path = "/api/v1/traces?start=0";
+    assert_eq!(query(&querier, None, path).await.0, 401, "no open tenant");
+    let a = Keys::new();
+    assert_eq!(query(&querier, Some(&a.query), path).await.0, 401);
+
+    std::fs::write(
+        &config,
+        format!("tenants:\n{}", a.yaml("team-a/chat", "prod")),
+    )
+    .unwrap();
+    await_status(&querier, &a.query, path, 200).await;
+    assert_eq!(
+        query(&querier, None, path).await.0,
+        401,
+        "still no open tenant"
+    );
+    assert_eq!(
+        query(&querier, Some(&a.ingest), path).await.0,
+        403,
+        "an ingest key cannot read"
+    );
+}

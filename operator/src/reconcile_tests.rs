@@ -1,0 +1,515 @@
+//! Reconcile loops against kube's mock API service (see `fixtures`): the exact
+//! requests each reconcile makes and the state it leaves.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::ResourceExt;
+use kube::api::ObjectMeta;
+use loupe_core::config::DataPlaneConfig;
+use loupe_core::keys::KeyHash;
+use serde_json::{Value, json};
+
+use crate::controller::*;
+use crate::crd::*;
+use crate::fixtures::*;
+use crate::kafka::TopicOutcome;
+
+fn platform() -> TracePlatform {
+    let mut p: TracePlatform =
+        serde_saphyr::from_str(include_str!("../../docs/examples/platform-minimal.yaml")).unwrap();
+    p.metadata.uid = Some("uid-loupe".into());
+    p.metadata.generation = Some(3);
+    p
+}
+
+fn project(ns: &str, env: &str) -> TraceProject {
+    let mut p = TraceProject::new(
+        "chat",
+        serde_json::from_value(json!({
+            "platformRef": { "name": "loupe", "namespace": "observability" },
+            "environment": env,
+        }))
+        .unwrap(),
+    );
+    p.metadata.namespace = Some(ns.into());
+    p.metadata.uid = Some(format!("uid-{ns}-chat"));
+    p.metadata.generation = Some(1);
+    p
+}
+
+fn key_secret(ns: &str, ingest: &str, query: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some("chat-loupe-keys".into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([
+            ("ingest-key".into(), ByteString(ingest.as_bytes().to_vec())),
+            ("query-key".into(), ByteString(query.as_bytes().to_vec())),
+        ])),
+        ..Default::default()
+    }
+}
+
+const PLATFORM_PATH: &str =
+    "/apis/loupe.dev/v1alpha1/namespaces/observability/traceplatforms/loupe";
+const CONFIG_PATH: &str = "/api/v1/namespaces/observability/configmaps/loupe-config";
+
+fn status_patch(calls: &[Call], path: &str) -> Value {
+    calls
+        .iter()
+        .rev()
+        .find(|c| c.path == format!("{path}/status"))
+        .unwrap_or_else(|| panic!("no status patch of {path}: {calls:#?}"))
+        .body["status"]
+        .clone()
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+fn events(calls: &[Call]) -> Vec<(String, String)> {
+    calls
+        .iter()
+        .filter(|c| c.path.ends_with("/events"))
+        .map(|c| {
+            (
+                c.body["type"].as_str().unwrap_or_default().to_owned(),
+                c.body["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_platform_applies_its_children_renders_its_projects_and_reports_status() {
+    let api = FakeApi::default();
+    api.put(&platform());
+    api.put(&project("team-a-dev", "dev"));
+    api.put(&project("team-a-prod", "prod"));
+    api.put(&key_secret("team-a-dev", "dev-ingest", "dev-query"));
+    api.put(&key_secret("team-a-prod", "prod-ingest", "prod-query"));
+    let topics = FakeTopics::default();
+    *topics.answer.lock().unwrap() = Some(Ok(TopicOutcome::Created { partitions: 12 }));
+    let (ctx, _server) = context(&api, &topics);
+
+    let action = within(reconcile_platform(std::sync::Arc::new(platform()), ctx))
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300))
+    );
+
+    let calls = api.calls();
+    let lines: Vec<String> = calls.iter().map(Call::line).collect();
+    let ns = "/api/v1/namespaces/observability";
+    let apps = "/apis/apps/v1/namespaces/observability";
+    let pdb = "/apis/policy/v1/namespaces/observability/poddisruptionbudgets";
+    let hpa = "/apis/autoscaling/v2/namespaces/observability/horizontalpodautoscalers";
+    assert_eq!(
+        lines,
+        [
+            "GET /apis/loupe.dev/v1alpha1/traceprojects".to_owned(),
+            "GET /apis/loupe.dev/v1alpha1/samplingpolicies".into(),
+            "GET /api/v1/namespaces/team-a-dev/secrets/chat-loupe-keys".into(),
+            "GET /api/v1/namespaces/team-a-prod/secrets/chat-loupe-keys".into(),
+            format!("PATCH {ns}/serviceaccounts/loupe"),
+            format!("PATCH {ns}/configmaps/loupe-config"),
+            format!("PATCH {apps}/deployments/loupe-receive"),
+            format!("PATCH {apps}/deployments/loupe-write"),
+            format!("PATCH {apps}/deployments/loupe-querier"),
+            format!("PATCH {ns}/services/loupe-receive"),
+            format!("PATCH {ns}/services/loupe-write"),
+            format!("PATCH {ns}/services/loupe-querier"),
+            format!("PATCH {pdb}/loupe-receive"),
+            format!("PATCH {pdb}/loupe-querier"),
+            format!("DELETE {hpa}/loupe-receive"),
+            format!("DELETE {hpa}/loupe-write"),
+            format!("DELETE {pdb}/loupe-write"),
+            format!("DELETE {hpa}/loupe-querier"),
+            "POST /apis/events.k8s.io/v1/namespaces/observability/events".into(),
+            format!("PATCH {PLATFORM_PATH}/status"),
+        ]
+    );
+    // Every write is a forced server-side apply under the operator's field manager.
+    for c in calls
+        .iter()
+        .filter(|c| c.method == http::Method::PATCH && !c.path.ends_with("/status"))
+    {
+        assert_eq!(
+            c.content_type,
+            "application/apply-patch+yaml",
+            "{}",
+            c.line()
+        );
+        assert!(
+            c.query.contains("fieldManager=loupe-operator"),
+            "{}",
+            c.query
+        );
+        assert!(c.query.contains("force=true"), "{}", c.query);
+        assert_eq!(c.body["metadata"]["ownerReferences"][0]["uid"], "uid-loupe");
+    }
+    // The tenant config serves both projects with the hashes of their keys.
+    let cm: ConfigMap = serde_json::from_value(api.get(CONFIG_PATH).unwrap()).unwrap();
+    let config = DataPlaneConfig::from_yaml(&cm.data.unwrap()["config.yaml"]).unwrap();
+    let ids: Vec<_> = config.tenants.iter().map(|t| t.id.to_string()).collect();
+    assert_eq!(ids, ["team-a-dev/chat", "team-a-prod/chat"]);
+    assert_eq!(config.tenants[1].keys[0].hash, KeyHash::of("prod-ingest"));
+    assert_eq!(config.tenants[1].keys[1].hash, KeyHash::of("prod-query"));
+    assert_eq!(config.tenants[0].environment, loupe_core::Environment::Dev);
+    // The topic was asked for with the spec's partitions.
+    assert_eq!(
+        topics.asked.lock().unwrap().clone(),
+        [(
+            "kafka.kafka.svc:9092".to_owned(),
+            "loupe.spans".to_owned(),
+            12
+        )]
+    );
+    let status = status_patch(&calls, PLATFORM_PATH);
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(condition(&status, "KafkaTopic")["reason"], "Created");
+    assert_eq!(status["observedGeneration"], 3);
+    assert_eq!(status["projects"], 2);
+    assert_eq!(
+        status["endpoints"]["otlpGrpc"],
+        "loupe-receive.observability.svc:4317"
+    );
+    assert_eq!(
+        events(&calls),
+        [("Normal".to_owned(), "Created".to_owned())]
+    );
+    assert_rbac_allows(&calls);
+}
+
+#[tokio::test]
+async fn kafka_trouble_is_a_condition_and_an_event_not_a_crash() {
+    let api = FakeApi::default();
+    api.put(&platform());
+    let topics = FakeTopics::default();
+    *topics.answer.lock().unwrap() = Some(Err("cannot reach Kafka: timed out".into()));
+    let (ctx, _server) = context(&api, &topics);
+    let action = within(reconcile_platform(
+        std::sync::Arc::new(platform()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(30))
+    );
+    let calls = api.calls();
+    let status = status_patch(&calls, PLATFORM_PATH);
+    let ready = condition(&status, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "KafkaUnreachable");
+    assert!(
+        condition(&status, "KafkaTopic")["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
+    assert_eq!(
+        events(&calls),
+        [("Warning".to_owned(), "KafkaUnreachable".to_owned())]
+    );
+
+    // Fewer partitions than the topic has: kept, and said so.
+    api.clear_calls();
+    *topics.answer.lock().unwrap() = Some(Ok(TopicOutcome::CannotShrink { have: 16, want: 12 }));
+    within(reconcile_platform(std::sync::Arc::new(platform()), ctx))
+        .await
+        .unwrap();
+    let status = status_patch(&api.calls(), PLATFORM_PATH);
+    let topic = condition(&status, "KafkaTopic");
+    assert_eq!(topic["reason"], "CannotRemovePartitions");
+    assert!(topic["message"].as_str().unwrap().contains("keeps 16"));
+    assert_eq!(status["topicPartitions"], 16);
+}
+
+#[tokio::test]
+async fn a_project_gets_keys_once_waits_for_its_platform_then_is_ready() {
+    let api = FakeApi::default();
+    api.put(&platform());
+    let proj = project("team-a-dev", "dev");
+    api.put(&proj);
+    let topics = FakeTopics::default();
+    let (ctx, _server) = context(&api, &topics);
+    let project_path = "/apis/loupe.dev/v1alpha1/namespaces/team-a-dev/traceprojects/chat";
+    let secret_path = "/api/v1/namespaces/team-a-dev/secrets/chat-loupe-keys";
+
+    within(reconcile_project(
+        std::sync::Arc::new(proj.clone()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let calls = api.calls();
+    let lines: Vec<String> = calls.iter().map(Call::line).collect();
+    assert_eq!(
+        lines,
+        [
+            "GET /apis/loupe.dev/v1alpha1/namespaces/observability/traceplatforms/loupe".to_owned(),
+            format!("GET {secret_path}"),
+            format!("PATCH {secret_path}"),
+            "GET /apis/loupe.dev/v1alpha1/namespaces/team-a-dev/samplingpolicies".into(),
+            format!("GET {CONFIG_PATH}"),
+            format!("PATCH {project_path}/status"),
+        ]
+    );
+    let secret: Secret = serde_json::from_value(api.get(secret_path).unwrap()).unwrap();
+    let data = secret.data.clone().unwrap();
+    let ingest = String::from_utf8(data["ingest-key"].0.clone()).unwrap();
+    assert!(ingest.starts_with("loupe_ik_"), "{ingest}");
+    assert_eq!(data["tenant"].0, b"team-a-dev/chat");
+    assert_eq!(secret.owner_references()[0].uid, "uid-team-a-dev-chat");
+    let status = status_patch(&calls, project_path);
+    assert_eq!(condition(&status, "Ready")["reason"], "WaitingForPlatform");
+    assert_eq!(status["keysSecret"], "chat-loupe-keys");
+    assert_eq!(status["tenant"], "team-a-dev/chat");
+    // Keys never reach the status or an event.
+    let all_bodies = serde_json::to_string(
+        &calls
+            .iter()
+            .filter(|c| !c.path.contains("/secrets/"))
+            .map(|c| &c.body)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert!(!all_bodies.contains(&ingest));
+
+    // The platform renders its config; the project is then Ready, with the same keys.
+    within(reconcile_platform(
+        std::sync::Arc::new(platform()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    api.clear_calls();
+    within(reconcile_project(
+        std::sync::Arc::new(proj.clone()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let calls = api.calls();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.method == http::Method::PATCH && c.path == secret_path),
+        "keys are kept across reconciles"
+    );
+    let status = status_patch(&calls, project_path);
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(condition(&status, "Ready")["reason"], "Serving");
+    assert_eq!(
+        status["endpoints"]["query"],
+        "http://loupe-querier.observability.svc:3000"
+    );
+
+    // An annotation asks for new keys: they are replaced once, with an event.
+    let mut rotate = proj.clone();
+    rotate
+        .annotations_mut()
+        .insert(ROTATE_ANNOTATION.into(), "2026-11-22".into());
+    api.clear_calls();
+    within(reconcile_project(
+        std::sync::Arc::new(rotate.clone()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let secret: Secret = serde_json::from_value(api.get(secret_path).unwrap()).unwrap();
+    let rotated = String::from_utf8(secret.data.unwrap()["ingest-key"].0.clone()).unwrap();
+    assert_ne!(rotated, ingest);
+    assert_eq!(
+        events(&api.calls()),
+        [("Normal".to_owned(), "KeysRotated".to_owned())]
+    );
+    api.clear_calls();
+    within(reconcile_project(std::sync::Arc::new(rotate), ctx))
+        .await
+        .unwrap();
+    let secret: Secret = serde_json::from_value(api.get(secret_path).unwrap()).unwrap();
+    let again = String::from_utf8(secret.data.unwrap()["ingest-key"].0.clone()).unwrap();
+    assert_eq!(again, rotated, "one rotation per annotation value");
+    assert_rbac_allows(&api.calls());
+}
+
+#[tokio::test]
+async fn a_project_without_its_platform_says_so() {
+    let api = FakeApi::default();
+    let proj = project("team-a-dev", "dev");
+    api.put(&proj);
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    within(reconcile_project(std::sync::Arc::new(proj), ctx))
+        .await
+        .unwrap();
+    let calls = api.calls();
+    let status = status_patch(
+        &calls,
+        "/apis/loupe.dev/v1alpha1/namespaces/team-a-dev/traceprojects/chat",
+    );
+    let ready = condition(&status, "Ready");
+    assert_eq!(ready["reason"], "PlatformNotFound");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("observability/loupe")
+    );
+    assert_eq!(
+        events(&calls),
+        [("Warning".to_owned(), "PlatformNotFound".to_owned())]
+    );
+}
+
+#[tokio::test]
+async fn delete_policy_adds_a_finalizer_and_retain_removes_it() {
+    let api = FakeApi::default();
+    api.put(&platform());
+    let mut proj = project("team-a-prod", "prod");
+    proj.spec.deletion_policy = DeletionPolicy::Delete;
+    api.put(&proj);
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    let path = "/apis/loupe.dev/v1alpha1/namespaces/team-a-prod/traceprojects/chat";
+    let stored: TraceProject = serde_json::from_value(api.get(path).unwrap()).unwrap();
+    within(reconcile_project(std::sync::Arc::new(stored), ctx.clone()))
+        .await
+        .unwrap();
+    let patch = api
+        .calls()
+        .into_iter()
+        .find(|c| c.path == path && c.method == http::Method::PATCH)
+        .unwrap();
+    assert_eq!(patch.content_type, "application/merge-patch+json");
+    assert_eq!(
+        patch.body,
+        json!({ "metadata": { "finalizers": [DATA_FINALIZER], "resourceVersion": "1" } })
+    );
+    let stored: TraceProject = serde_json::from_value(api.get(path).unwrap()).unwrap();
+    assert_eq!(stored.finalizers(), [DATA_FINALIZER]);
+
+    let mut retain = stored.clone();
+    retain.spec.deletion_policy = DeletionPolicy::Retain;
+    api.clear_calls();
+    within(reconcile_project(std::sync::Arc::new(retain), ctx))
+        .await
+        .unwrap();
+    let stored: TraceProject = serde_json::from_value(api.get(path).unwrap()).unwrap();
+    assert!(stored.finalizers().is_empty(), "{:?}", stored.finalizers());
+    assert_rbac_allows(&api.calls());
+}
+
+#[tokio::test]
+async fn two_policies_on_one_project_are_a_conflict_and_the_oldest_applies() {
+    let api = FakeApi::default();
+    let mut proj = project("team-a-prod", "prod");
+    proj.metadata.labels = Some(BTreeMap::from([("tier".into(), "gold".into())]));
+    api.put(&proj);
+    let mut gold: SamplingPolicy =
+        serde_saphyr::from_str(include_str!("../../docs/examples/sampling-policy.yaml")).unwrap();
+    gold.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap(),
+    ));
+    let mut late = SamplingPolicy::new(
+        "late",
+        serde_json::from_value(json!({ "projects": ["chat"], "rules": { "percentage": 1 } }))
+            .unwrap(),
+    );
+    late.metadata.namespace = Some("team-a-prod".into());
+    late.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(2_000).unwrap(),
+    ));
+    api.put(&gold);
+    api.put(&late);
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    within(reconcile_policy(std::sync::Arc::new(late), ctx.clone()))
+        .await
+        .unwrap();
+    let status = status_patch(
+        &api.calls(),
+        "/apis/loupe.dev/v1alpha1/namespaces/team-a-prod/samplingpolicies/late",
+    );
+    assert_eq!(status["projects"], json!(["chat"]));
+    let conflict = condition(&status, "Conflict");
+    assert_eq!(conflict["status"], "True");
+    assert!(
+        conflict["message"]
+            .as_str()
+            .unwrap()
+            .contains("gold (the oldest) applies"),
+        "{conflict}"
+    );
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(
+        events(&api.calls()),
+        [("Warning".to_owned(), "SelectedByAnotherPolicy".to_owned())]
+    );
+    assert_rbac_allows(&api.calls());
+}
+
+#[tokio::test]
+async fn an_alert_rule_is_validated_and_says_it_is_not_evaluated_yet() {
+    let api = FakeApi::default();
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    let rule: AlertRule =
+        serde_saphyr::from_str(include_str!("../../docs/examples/alert-cost-spike.yaml")).unwrap();
+    api.put(&rule);
+    let path = "/apis/loupe.dev/v1alpha1/namespaces/team-a-prod/alertrules/chat-cost-spike";
+    within(reconcile_alert(
+        std::sync::Arc::new(rule.clone()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let status = status_patch(&api.calls(), path);
+    assert_eq!(condition(&status, "Ready")["reason"], "ProjectNotFound");
+
+    api.put(&project("team-a-prod", "prod"));
+    api.clear_calls();
+    within(reconcile_alert(
+        std::sync::Arc::new(rule.clone()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    let status = status_patch(&api.calls(), path);
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    let evaluating = condition(&status, "Evaluating");
+    assert_eq!(evaluating["status"], "False");
+    assert_eq!(evaluating["reason"], "EvaluationNotAvailable");
+    assert_eq!(status["state"], "NotEvaluated");
+    assert_rbac_allows(&api.calls());
+
+    let mut bad = rule;
+    bad.spec.baseline = Some("30m".into());
+    assert!(
+        validate_alert(&bad)
+            .unwrap_err()
+            .contains("baseline 30m must be longer than window 1h")
+    );
+}
+
+#[test]
+fn project_secret_keys_hash_what_the_secret_holds() {
+    let keys = secret_keys(&key_secret("ns", "a", "b")).unwrap();
+    assert_eq!(keys.ingest, KeyHash::of("a"));
+    assert_eq!(keys.query, KeyHash::of("b"));
+    let mut half = key_secret("ns", "a", "b");
+    half.data.as_mut().unwrap().remove("query-key");
+    assert!(secret_keys(&half).is_none());
+    let _ = half.name_any();
+}
