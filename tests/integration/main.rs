@@ -3,9 +3,11 @@
 
 mod analytics;
 mod bad_input;
+mod chart;
 mod cli;
 mod distributed;
 mod durability;
+mod e2e;
 mod harness;
 mod otlp;
 mod python_sdk;

@@ -1,0 +1,257 @@
+//! End to end against a real cluster, when `LOUPE_E2E_KUBECONFIG` names a kubeconfig:
+//! installs the CRDs, runs `loupe operator` against the cluster, applies a
+//! TracePlatform and a dev and a prod TraceProject in two namespaces, and checks the
+//! children, the key Secrets, the tenant config and the statuses. Skipped (with a
+//! message) otherwise. Everything it creates lives in namespaces named
+//! `loupe-e2e-<random>-…`, deleted at the end.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use loupe_core::config::DataPlaneConfig;
+use loupe_core::keys::KeyHash;
+use loupe_operator::crd::{TracePlatform, TraceProject};
+use serde_json::json;
+
+use crate::harness::*;
+
+async fn client() -> Option<(Client, String)> {
+    let Ok(path) = std::env::var("LOUPE_E2E_KUBECONFIG") else {
+        eprintln!(
+            "skipped: set LOUPE_E2E_KUBECONFIG to a kubeconfig to run the end-to-end tests against a cluster"
+        );
+        return None;
+    };
+    let kubeconfig = Kubeconfig::read_from(&path).expect("a readable kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("a usable kubeconfig");
+    Some((Client::try_from(config).expect("a client"), path))
+}
+
+fn apply() -> PatchParams {
+    PatchParams::apply("loupe-e2e").force()
+}
+
+#[tokio::test]
+async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
+    let Some((client, kubeconfig)) = client().await else {
+        return;
+    };
+    // The CRDs, as checked in.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (_, crd) in loupe_operator::crdgen::all() {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(&name, &apply(), &Patch::Apply(&crd))
+            .await
+            .unwrap();
+    }
+    for (_, crd) in loupe_operator::crdgen::all() {
+        let name = crd.metadata.name.clone().unwrap();
+        let crds = crds.clone();
+        eventually(Duration::from_secs(60), || {
+            let (crds, name) = (crds.clone(), name.clone());
+            async move {
+                let c = crds.get(&name).await.map_err(|e| e.to_string())?;
+                let established = c
+                    .status
+                    .iter()
+                    .flat_map(|s| s.conditions.iter().flatten())
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established
+                    .then_some(())
+                    .ok_or_else(|| format!("{name} not established"))
+            }
+        })
+        .await;
+    }
+
+    let run = format!("loupe-e2e-{:08x}", rand::random::<u32>());
+    let (platform_ns, dev_ns, prod_ns) = (
+        format!("{run}-platform"),
+        format!("{run}-dev"),
+        format!("{run}-prod"),
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in [&platform_ns, &dev_ns, &prod_ns] {
+        let obj = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } });
+        namespaces
+            .patch(ns, &apply(), &Patch::Apply(&obj))
+            .await
+            .unwrap();
+    }
+
+    // The operator, as a process using the kubeconfig.
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<String> = [
+        "operator",
+        "--no-leader-election",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    let operator = Loupe::spawn(
+        &args,
+        dir.path(),
+        &[("KUBECONFIG", kubeconfig.as_str())],
+        &[],
+    );
+
+    let platform = json!({
+        "apiVersion": "loupe.dev/v1alpha1", "kind": "TracePlatform",
+        "metadata": { "name": "loupe", "namespace": platform_ns },
+        "spec": {
+            // No Kafka here: the roles are created anyway and the status says why the
+            // topic could not be checked.
+            "kafka": { "bootstrapServers": "kafka.invalid:9092", "partitions": 3 },
+            "storage": { "url": "file:///var/lib/loupe", "volumeClaim": "loupe-blocks" },
+        },
+    });
+    let platforms: Api<TracePlatform> = Api::namespaced(client.clone(), &platform_ns);
+    platforms
+        .patch("loupe", &apply(), &Patch::Apply(&platform))
+        .await
+        .unwrap();
+    for (ns, env) in [(&dev_ns, "dev"), (&prod_ns, "prod")] {
+        let project = json!({
+            "apiVersion": "loupe.dev/v1alpha1", "kind": "TraceProject",
+            "metadata": { "name": "chat", "namespace": ns },
+            "spec": { "platformRef": { "name": "loupe", "namespace": platform_ns }, "environment": env },
+        });
+        let projects: Api<TraceProject> = Api::namespaced(client.clone(), ns);
+        projects
+            .patch("chat", &apply(), &Patch::Apply(&project))
+            .await
+            .unwrap();
+    }
+
+    // Children of the platform.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &platform_ns);
+    for role in ["receive", "write", "querier"] {
+        let name = format!("loupe-{role}");
+        let d = deployments.clone();
+        eventually(Duration::from_secs(120), || {
+            let (d, name) = (d.clone(), name.clone());
+            async move {
+                d.get_opt(&name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|_| ())
+                    .ok_or_else(|| format!("no Deployment {name}"))
+            }
+        })
+        .await;
+    }
+    // Keys in each project's namespace, and their hashes in the tenant config.
+    let mut hashes = BTreeMap::new();
+    for ns in [&dev_ns, &prod_ns] {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        let secret = {
+            let s = secrets.clone();
+            let found = std::sync::Mutex::new(None);
+            let f = &found;
+            eventually(Duration::from_secs(120), || {
+                let s = s.clone();
+                async move {
+                    let got = s
+                        .get_opt("chat-loupe-keys")
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let got = got.ok_or("no key Secret yet")?;
+                    *f.lock().unwrap() = Some(got);
+                    Ok(())
+                }
+            })
+            .await;
+            found.into_inner().unwrap().unwrap()
+        };
+        let data = secret.data.unwrap();
+        let key = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
+        assert!(key("ingest-key").starts_with("loupe_ik_"));
+        assert!(key("query-key").starts_with("loupe_qk_"));
+        hashes.insert(
+            format!("{ns}/chat"),
+            (
+                KeyHash::of(&key("ingest-key")),
+                KeyHash::of(&key("query-key")),
+            ),
+        );
+    }
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &platform_ns);
+    let want = &hashes;
+    eventually(Duration::from_secs(120), || {
+        let cms = config_maps.clone();
+        async move {
+            let cm = cms
+                .get_opt("loupe-config")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no config")?;
+            let text = cm
+                .data
+                .unwrap_or_default()
+                .get("config.yaml")
+                .cloned()
+                .unwrap_or_default();
+            let config = DataPlaneConfig::from_yaml(&text).map_err(|e| e.to_string())?;
+            for (tenant, (ingest, query)) in want {
+                let t = config
+                    .tenants
+                    .iter()
+                    .find(|t| t.id.as_str() == tenant)
+                    .ok_or(format!("{tenant} not in the config"))?;
+                let has = |h: &KeyHash| t.keys.iter().any(|k| &k.hash == h);
+                if !(has(ingest) && has(query)) {
+                    return Err(format!("{tenant}: keys not in the config yet"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    // Statuses: projects Ready; the platform says where to send spans.
+    for ns in [&dev_ns, &prod_ns] {
+        let projects: Api<TraceProject> = Api::namespaced(client.clone(), ns);
+        eventually(Duration::from_secs(120), || {
+            let p = projects.clone();
+            async move {
+                let got = p.get("chat").await.map_err(|e| e.to_string())?;
+                let status = got.status.unwrap_or_default();
+                let ready = status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                ready
+                    .then_some(())
+                    .ok_or_else(|| format!("not Ready: {:?}", status.conditions))
+            }
+        })
+        .await;
+    }
+    let status = platforms.get("loupe").await.unwrap().status.unwrap();
+    assert_eq!(
+        status.endpoints.unwrap().otlp_grpc,
+        format!("loupe-receive.{platform_ns}.svc:4317")
+    );
+    assert_eq!(status.projects, Some(2));
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "KafkaTopic" && c.reason == "KafkaUnreachable"),
+        "{:?}",
+        status.conditions
+    );
+
+    drop(operator);
+    for ns in [&platform_ns, &dev_ns, &prod_ns] {
+        let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    }
+}
