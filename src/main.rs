@@ -98,13 +98,25 @@ mod operator_cmd {
         let identity = args
             .identity
             .unwrap_or_else(|| format!("loupe-operator-{}", std::process::id()));
-        loupe_operator::run::run(loupe_operator::run::Settings {
-            metrics_addr: args.metrics_addr,
-            leader_election: !args.no_leader_election,
-            lease_namespace: args.lease_namespace,
-            lease_name: args.lease_name,
-            identity,
-        })
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = loupe_operator::metrics::Metrics::new(&mut registry);
+        let (listener, addr) = crate::server::bind(args.metrics_addr, "operator metrics").await?;
+        let health = || async { "ok\n" };
+        let router = crate::server::ops_router(registry)
+            .route("/healthz", axum::routing::get(health))
+            .route("/readyz", axum::routing::get(health));
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let _ops = crate::server::serve(listener, router, &stop_rx);
+        tracing::info!(%addr, "operator metrics and health");
+        loupe_operator::run::run(
+            loupe_operator::run::Settings {
+                leader_election: !args.no_leader_election,
+                lease_namespace: args.lease_namespace,
+                lease_name: args.lease_name,
+                identity,
+            },
+            metrics,
+        )
         .await?;
         Ok(())
     }

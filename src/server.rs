@@ -30,9 +30,6 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<(TcpListener, 
     Ok((listener, local))
 }
 
-/// Which tenant is served without a key while the config lists none: the given one
-/// on loopback or with `--no-auth`, nobody when exposed without `--no-auth` — then
-/// the config must list keys, or the role refuses to start.
 /// Who may use a role when the config has no keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthMode {
@@ -47,6 +44,10 @@ pub enum AuthMode {
     RequireKeys,
 }
 
+/// Which tenant is served without a key while the config lists none: the given one
+/// on loopback or with `--no-auth`, nobody with `--require-keys` or when exposed
+/// without `--no-auth` — then the config must list keys, or the role refuses to
+/// start (it starts with `--require-keys`, refusing every request).
 fn open_access(
     addrs: &[SocketAddr],
     mode: AuthMode,

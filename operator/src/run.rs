@@ -1,11 +1,7 @@
-//! `loupe operator`: leader election, the four controllers, `/metrics` and health.
+//! `loupe operator`: leader election and the four controllers.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use axum::Router;
-use axum::http::header;
-use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -16,7 +12,6 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use prometheus_client::registry::Registry;
 
 use crate::controller::{self, Context, PLATFORM_ANNOTATION};
 use crate::crd::{AlertRule, SamplingPolicy, TracePlatform, TraceProject};
@@ -26,8 +21,6 @@ use crate::metrics::Metrics;
 /// How the operator runs.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `/metrics`, `/healthz` and `/readyz`.
-    pub metrics_addr: SocketAddr,
     /// Take a Lease before reconciling, so that only one replica acts.
     pub leader_election: bool,
     /// Namespace of the Lease (the operator's own).
@@ -39,13 +32,8 @@ pub struct Settings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("cannot reach the Kubernetes API: {0}")]
+    #[error("cannot reach the Kubernetes API")]
     Client(#[from] kube::Error),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("leader election: {0}")]
     Lease(String),
     #[error("lost the leader lease; exiting so that a replica that holds it acts alone")]
@@ -54,11 +42,10 @@ pub enum RunError {
 
 const MANAGED: &str = "app.kubernetes.io/managed-by=loupe-operator";
 
-pub async fn run(settings: Settings) -> Result<(), RunError> {
+/// Runs the operator until a shutdown signal (or the loss of the leader lease);
+/// `metrics` are registered by the caller, which serves them.
+pub async fn run(settings: Settings, metrics: Metrics) -> Result<(), RunError> {
     let client = Client::try_default().await?;
-    let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
-    serve_ops(settings.metrics_addr, registry).await?;
 
     let mut lease = None;
     if settings.leader_election {
@@ -278,41 +265,4 @@ where
         Ok((obj, _)) => tracing::debug!(kind, object = %obj.name, "reconciled"),
         Err(e) => tracing::debug!(kind, error = %e, "reconcile error"),
     }
-}
-
-/// `/metrics`, `/healthz` and `/readyz` on `addr`.
-async fn serve_ops(addr: SocketAddr, registry: Registry) -> Result<(), RunError> {
-    let registry = Arc::new(Mutex::new(registry));
-    let router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let registry = registry.clone();
-                async move {
-                    let mut out = String::new();
-                    let r = registry.lock().expect("metrics lock");
-                    prometheus_client::encoding::text::encode(&mut out, &r)
-                        .expect("writing to a String cannot fail");
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        out,
-                    )
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| RunError::Metrics { addr, source })?;
-    tracing::info!(%addr, "operator metrics and health");
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
-    Ok(())
 }
