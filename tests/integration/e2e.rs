@@ -115,6 +115,19 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
         },
     });
     let platforms: Api<TracePlatform> = Api::namespaced(client.clone(), &platform_ns);
+    // The schema's CEL rules are enforced by the API server: more writers than
+    // partitions is refused with the rule's message.
+    let mut too_many = platform.clone();
+    too_many["metadata"]["name"] = json!("too-many-writers");
+    too_many["spec"]["write"] = json!({ "replicas": 5 });
+    let err = platforms
+        .patch("too-many-writers", &apply(), &Patch::Apply(&too_many))
+        .await
+        .expect_err("5 writers over 3 partitions must be refused");
+    assert!(
+        err.to_string().contains("cannot exceed kafka.partitions"),
+        "{err}"
+    );
     platforms
         .patch("loupe", &apply(), &Patch::Apply(&platform))
         .await
