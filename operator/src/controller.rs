@@ -85,6 +85,23 @@ impl Context {
             tracing::warn!(error = %e, reason, "could not publish an event");
         }
     }
+
+    /// Publishes a Warning Event for the problem `cond` reports, unless the previous
+    /// status already reported it (same type, reason and message).
+    async fn warn_once<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        cond: &Cond,
+    ) {
+        let known = old
+            .iter()
+            .any(|c| c.type_ == cond.type_ && c.reason == cond.reason && c.message == cond.message);
+        if !known {
+            self.event(obj, true, &cond.reason, cond.message.clone())
+                .await;
+        }
+    }
 }
 
 fn apply_params() -> PatchParams {
@@ -612,11 +629,7 @@ pub async fn reconcile_project(
     };
     let old = project.status.clone().unwrap_or_default();
     if !ready.ok && ready.reason != "WaitingForPlatform" {
-        let was = old.conditions.iter().find(|c| c.type_ == "Ready");
-        if was.is_none_or(|c| c.reason != ready.reason || c.message != ready.message) {
-            ctx.event(&*project, true, &ready.reason, ready.message.clone())
-                .await;
-        }
+        ctx.warn_once(&*project, &old.conditions, &ready).await;
     }
     let status = TraceProjectStatus {
         conditions: merge(
@@ -695,12 +708,9 @@ pub async fn reconcile_policy(
         )
     });
     let old = policy.status.clone().unwrap_or_default();
+    // Ready=False and Conflict=True are the problems.
     for c in conds.iter().filter(|c| (c.type_ == "Ready") != c.ok) {
-        let was = old.conditions.iter().find(|o| o.type_ == c.type_);
-        if was.is_none_or(|o| o.message != c.message) {
-            ctx.event(&*policy, true, &c.reason, c.message.clone())
-                .await;
-        }
+        ctx.warn_once(&*policy, &old.conditions, c).await;
     }
     let status = SamplingPolicyStatus {
         conditions: merge(
@@ -780,11 +790,7 @@ pub async fn reconcile_alert(rule: Arc<AlertRule>, ctx: Arc<Context>) -> Result<
     );
     let old = rule.status.clone().unwrap_or_default();
     if !ready.ok {
-        let was = old.conditions.iter().find(|c| c.type_ == "Ready");
-        if was.is_none_or(|c| c.message != ready.message) {
-            ctx.event(&*rule, true, &ready.reason, ready.message.clone())
-                .await;
-        }
+        ctx.warn_once(&*rule, &old.conditions, &ready).await;
     }
     let status = AlertRuleStatus {
         conditions: merge(

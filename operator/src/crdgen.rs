@@ -35,6 +35,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
+    use crate::fixtures::merge;
 
     fn crds_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds")
@@ -230,18 +231,6 @@ mod tests {
                 errors.iter().any(|e| e.starts_with(path)),
                 "{what}: expected an error at {path}, got {errors:?}"
             );
-        }
-    }
-
-    /// JSON merge patch (RFC 7386) of `patch` into `doc`.
-    fn merge(doc: &mut serde_json::Value, patch: &serde_json::Value) {
-        match (doc, patch) {
-            (serde_json::Value::Object(d), serde_json::Value::Object(p)) => {
-                for (k, v) in p {
-                    merge(d.entry(k.clone()).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (d, p) => *d = p.clone(),
         }
     }
 

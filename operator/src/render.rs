@@ -454,11 +454,9 @@ fn pod_template(platform: &TracePlatform, role: Role) -> Value {
     if let Some(p) = spec.image_pull_policy {
         container["imagePullPolicy"] = json!(p.as_str());
     }
-    let mut labels = crate::crd::common_labels(&name, role.as_str());
-    labels.remove("app.kubernetes.io/managed-by");
     json!({
         "metadata": {
-            "labels": labels,
+            "labels": selector_labels(&name, role),
             "annotations": {
                 "prometheus.io/scrape": "true",
                 "prometheus.io/port": role.ops_port().to_string(),
