@@ -1,6 +1,6 @@
 //! Benchmarks of the ingest hot paths, stage by stage, on the load generator's LLM
-//! spans (~1 KB of attributes each): OTLP protobuf decode, normalization + pricing, queue
-//! record encoding + Arrow conversion, and Parquet block encoding.
+//! spans (~1 KB of attributes each): OTLP protobuf decode, normalization + pricing, PII
+//! redaction, queue record encoding + Arrow conversion, and Parquet block encoding.
 //!
 //! `cargo bench --bench hot_paths` prints spans/s, MB/s and per-batch latency
 //! percentiles for each stage. End-to-end numbers come from `loupe loadgen` (see
@@ -12,8 +12,10 @@ use hdrhistogram::Histogram;
 use loupe::synthetic;
 use loupe_core::normalize::{NormalizeOptions, normalize_request};
 use loupe_core::pricing::PriceBook;
+use loupe_core::redact::{RedactionConfig, Redactor};
 use loupe_core::span::{SpanBatch, spans_to_batch};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -46,7 +48,7 @@ fn bench(name: &str, spans: usize, bytes: usize, time: Duration, mut f: impl FnM
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{name:<34} {:>10.0} spans/s {:>8.1} MB/s   per call p50 {:>9.1} µs  p99 {:>9.1} µs",
+        "{name:<42} {:>10.0} spans/s {:>8.1} MB/s   per call p50 {:>9.1} µs  p99 {:>9.1} µs",
         (n as usize * spans) as f64 / secs,
         (n as usize * bytes) as f64 / secs / 1e6,
         h.value_at_quantile(0.5) as f64 / 1e3,
@@ -98,6 +100,70 @@ fn main() {
         }
         std::hint::black_box(n);
     });
+
+    // Redaction with the rules a project gets by default. The synthetic text has no PII,
+    // the common case; the redact stages include cloning the request (first line).
+    let redactor = Redactor::new(&RedactionConfig::default(), None)
+        .expect("the default rules compile")
+        .expect("redaction is on by default");
+    let mut counts = vec![0u64; redactor.rule_names().len()];
+    bench(
+        "request clone (in the redact lines)",
+        BATCH,
+        bytes,
+        time,
+        || {
+            std::hint::black_box(req.clone());
+        },
+    );
+    bench("redact (default rules)", BATCH, bytes, time, || {
+        let mut r = req.clone();
+        redactor.redact_request(&mut r, &mut counts);
+        std::hint::black_box(r);
+    });
+    bench(
+        "decode + redact + normalize + price",
+        BATCH,
+        bytes,
+        time,
+        || {
+            let mut r = ExportTraceServiceRequest::decode(encoded.as_slice()).expect("decodes");
+            redactor.redact_request(&mut r, &mut counts);
+            let mut n = normalize_request(&r, &opts);
+            for s in &mut n.spans {
+                book.apply(s);
+            }
+            std::hint::black_box(n);
+        },
+    );
+    let mut pii = req.clone();
+    for span in &mut pii.resource_spans[0].scope_spans[0].spans {
+        let text = span
+            .attributes
+            .iter_mut()
+            .find(|kv| kv.key == "input.value" || kv.key.ends_with("message.content"))
+            .and_then(|kv| kv.value.as_mut()?.value.as_mut());
+        if let Some(Value::StringValue(text)) = text {
+            text.insert_str(
+                text.len() / 2,
+                " mail jane.doe@example.com or call +1 415 555 2671, card 4111 1111 1111 1111 ",
+            );
+        }
+    }
+    let pii_bytes = pii.encoded_len();
+    let mut replaced = 0;
+    bench(
+        "redact (default rules, PII in every span)",
+        BATCH,
+        pii_bytes,
+        time,
+        || {
+            let mut r = pii.clone();
+            replaced = redactor.redact_request(&mut r, &mut counts);
+            std::hint::black_box(r);
+        },
+    );
+    assert_eq!(replaced, 3 * BATCH as u64, "every span's PII is found");
 
     let batch = SpanBatch {
         tenant: "default/default".into(),

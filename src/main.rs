@@ -51,6 +51,9 @@ enum Command {
     Ingester(Box<roles::IngesterArgs>),
     /// Serve the query API over the blocks the writers put in storage.
     Querier(roles::QuerierArgs),
+    /// Merge small blocks, remove duplicate spans, enforce each project's retention
+    /// and carry out deletion requests, in the storage the writers fill.
+    Compactor(Box<roles::CompactorArgs>),
     /// Run an in-memory Kafka (librdkafka's mock cluster) for trying the distributed
     /// roles on one machine; not for production.
     DevKafka(roles::DevKafkaArgs),
@@ -276,6 +279,7 @@ fn main() -> std::process::ExitCode {
             Command::Standalone(args) => standalone::run(*args).await,
             Command::Ingester(args) => roles::run_ingester(*args).await,
             Command::Querier(args) => roles::run_querier(args).await,
+            Command::Compactor(args) => roles::run_compactor(*args).await,
             Command::DevKafka(args) => roles::run_dev_kafka(args).await,
             Command::Demo(args) => demo_cmd::run(args).await,
             Command::Traces(args) => traces_cmd::run(*args).await,

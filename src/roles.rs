@@ -1,6 +1,7 @@
-//! The distributed roles: `loupe ingester --role receive|write|all` and `loupe querier`.
-//! They share nothing in memory: receive produces to Kafka, write consumes Kafka and
-//! writes blocks to storage, the querier lists and reads that storage.
+//! The distributed roles: `loupe ingester --role receive|write|all`, `loupe querier`
+//! and `loupe compactor`. They share nothing in memory: receive produces to Kafka,
+//! write consumes Kafka and writes blocks to storage, the querier lists and reads
+//! that storage, and the compactor merges, expires and rewrites its blocks.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -183,6 +184,7 @@ pub async fn run_ingester(args: IngesterArgs) -> anyhow::Result<()> {
             config,
             access.control.clone(),
             ingest_metrics.clone(),
+            crate::server::redaction_key(None)?,
         )?);
         reload_ingest = Some(ingest.clone());
         lines.push(access.line());
@@ -300,7 +302,7 @@ pub struct QuerierArgs {
     /// Query API listen address (also serves /metrics and /health).
     #[arg(long, env = "LOUPE_QUERY_ADDR", default_value = "127.0.0.1:3000")]
     query_addr: SocketAddr,
-    /// How often storage is listed for new blocks.
+    /// How often storage is listed for new blocks and deletion requests.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     refresh: Duration,
     #[command(flatten)]
@@ -352,7 +354,19 @@ pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = QueryMetrics::new(&mut registry);
     access.watch(&mut registry, |_| Ok(()));
-    let engine = Arc::new(QueryEngine::new(Arc::new(index), storage.object_store()));
+    let deletions = loupe_core::deletion::Deletions::default();
+    deletions
+        .refresh(&storage)
+        .await
+        .with_context(|| format!("cannot read deletion records in {}", storage.url()))?;
+    tokio::spawn(
+        deletions
+            .clone()
+            .refresh_loop(storage.clone(), args.refresh),
+    );
+    let engine = Arc::new(
+        QueryEngine::new(Arc::new(index), &storage).with_deletions(deletions, storage.clone()),
+    );
     let router = loupe_querier::api::router(engine, access.control.clone(), metrics)
         .merge(ops_router(registry));
     let (listener, local) = bind(args.query_addr, "the query API").await?;
@@ -394,5 +408,100 @@ pub async fn run_dev_kafka(args: DevKafkaArgs) -> anyhow::Result<()> {
     ));
     shutdown_signal().await;
     drop(cluster);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CompactorArgs {
+    /// Where the writers put blocks: a directory or `file://` URL.
+    #[arg(long, env = "LOUPE_STORAGE")]
+    storage: String,
+    /// Data-plane config file (YAML); the compactor takes each project's `retention`
+    /// from it. Reloaded when it changes.
+    #[arg(long, env = "LOUPE_CONFIG")]
+    config: Option<PathBuf>,
+    /// `/metrics` and `/health` listen address.
+    #[arg(long, env = "LOUPE_METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    metrics_addr: SocketAddr,
+    /// Time between compaction passes.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    interval: Duration,
+    /// Size merged blocks grow to, in MiB of Parquet (memory use is a few times this).
+    #[arg(long, default_value_t = 64)]
+    target_mib: u64,
+    /// Blocks whose spans start in the same window are merged together.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    window: Duration,
+    /// How long replaced blocks stay readable before they are deleted: more than the
+    /// queriers' --refresh plus their longest query.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    grace: Duration,
+    /// Blocks younger than this are not merged yet.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    min_age: Duration,
+    /// Run one pass, print what it did and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+pub async fn run_compactor(args: CompactorArgs) -> anyhow::Result<()> {
+    use loupe_ingester::compactor::{Compactor, CompactorConfig, CompactorMetrics};
+    let config = crate::server::load_config(args.config.as_deref())?;
+    let storage = Storage::open(&args.storage)?;
+    let mut registry = Registry::default();
+    let metrics = Arc::new(CompactorMetrics::new(&mut registry));
+    if args.target_mib == 0 {
+        bail!("--target-mib must be at least 1");
+    }
+    let compactor = Arc::new(Compactor::new(
+        storage.clone(),
+        CompactorConfig {
+            target_bytes: args.target_mib << 20,
+            window: args.window,
+            grace: args.grace,
+            min_age: args.min_age,
+        },
+        &config,
+        metrics,
+    ));
+    if args.once {
+        let report = compactor
+            .run_once()
+            .await
+            .with_context(|| format!("compacting {}", storage.url()))?;
+        say(&format!(
+            "compaction pass done: merged {} blocks, wrote {}, removed {} duplicate spans; \
+             deleted {} replaced, {} expired and {} orphaned files; rewrote {} blocks for {} completed deletion requests",
+            report.blocks_merged,
+            report.blocks_written,
+            report.duplicate_spans,
+            report.replaced_deleted,
+            report.expired_deleted,
+            report.orphans_deleted,
+            report.rewritten_for_deletion,
+            report.deletions_completed,
+        ));
+        return Ok(());
+    }
+    {
+        let compactor = compactor.clone();
+        crate::server::watch_config_file(args.config.clone(), &config, &mut registry, move |c| {
+            compactor.set_config(c);
+            Ok(())
+        });
+    }
+    let (ops, ops_local) = bind(args.metrics_addr, "metrics").await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = serve(ops, ops_router(registry), &stop_rx);
+    let task = tokio::spawn(compactor.run(args.interval, stop_rx.clone()));
+    say(&format!(
+        "loupe compactor is running\n  storage    {}\n  every      {:?}\n  metrics    http://{ops_local}/metrics",
+        storage.url(),
+        args.interval
+    ));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = task.await;
+    let _ = server.await;
     Ok(())
 }

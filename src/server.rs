@@ -187,6 +187,17 @@ fn watch_config(
     });
 }
 
+/// Watches a config file for a role without keys (the compactor): every valid change
+/// goes to `apply`; registers the reload metrics.
+pub fn watch_config_file(
+    path: Option<PathBuf>,
+    initial: &DataPlaneConfig,
+    registry: &mut Registry,
+    apply: impl Fn(&DataPlaneConfig) -> anyhow::Result<()> + Send + 'static,
+) {
+    watch_config(path, initial, ConfigMetrics::new(registry), apply);
+}
+
 /// The config file a role serves by and who may use the role.
 pub struct Access {
     pub config: DataPlaneConfig,
@@ -349,4 +360,46 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The master key of `hash` redaction actions: `LOUPE_REDACTION_KEY` (at least 32
+/// characters), else, with a data directory (standalone), a random key kept in
+/// `<data-dir>/redaction.key` (created on first start, readable by the owner only).
+/// `None` when neither: a config that asks for `hash` is then refused.
+pub fn redaction_key(data_dir: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Ok(key) = std::env::var("LOUPE_REDACTION_KEY") {
+        let key = key.trim();
+        if key.len() < 32 {
+            bail!(
+                "LOUPE_REDACTION_KEY must be at least 32 characters (e.g. `openssl rand -hex 32`)"
+            );
+        }
+        return Ok(Some(key.as_bytes().to_vec()));
+    }
+    let Some(dir) = data_dir else {
+        return Ok(None);
+    };
+    let path = dir.join("redaction.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 32 => return Ok(Some(text.trim().as_bytes().to_vec())),
+        Ok(_) => bail!("{} holds fewer than 32 characters", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let key: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        f.write_all(key.as_bytes())?;
+        f.sync_all()?;
+    }
+    Ok(Some(key.into_bytes()))
 }

@@ -58,6 +58,13 @@ pub struct Args {
     /// Number of demo traces to send with --demo.
     #[arg(long, default_value_t = 200)]
     pub demo_traces: usize,
+    /// Time between passes of the in-process compactor (merges small blocks,
+    /// enforces retention, carries out deletion requests).
+    #[arg(long, env = "LOUPE_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub compact_interval: Duration,
+    /// How long blocks the compactor replaced stay readable before deletion.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, hide = true)]
+    pub compaction_grace: Duration,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -105,20 +112,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         config,
         access.control.clone(),
         ingest_metrics,
+        crate::server::redaction_key(Some(&args.data_dir))?,
     )?);
+    let deletions = loupe_core::deletion::Deletions::default();
+    deletions
+        .refresh(&storage)
+        .await
+        .context("cannot read deletion records")?;
+    let engine = Arc::new(
+        QueryEngine::new(Arc::new(queue.clone()), &storage)
+            .with_deletions(deletions, storage.clone()),
+    );
+    // One process, so replaced blocks need only outlive the queries already running.
+    let compactor = Arc::new(
+        loupe_ingester::compactor::Compactor::new(
+            storage.clone(),
+            loupe_ingester::compactor::CompactorConfig {
+                grace: args.compaction_grace,
+                min_age: Duration::from_secs(120),
+                ..Default::default()
+            },
+            config,
+            Arc::new(loupe_ingester::compactor::CompactorMetrics::new(
+                &mut registry,
+            )),
+        )
+        .with_observer({
+            let queue = queue.clone();
+            move |change| queue.apply(change)
+        }),
+    );
+
     access.watch(&mut registry, {
-        let (ingest, queue) = (ingest.clone(), queue.clone());
+        let (ingest, queue, compactor) = (ingest.clone(), queue.clone(), compactor.clone());
         move |c| {
             ingest.reload(c)?;
             queue.set_rules(Arc::new(SamplingRules::from_config(c)));
+            compactor.set_config(c);
             Ok(())
         }
     });
-    let engine = Arc::new(QueryEngine::new(
-        Arc::new(queue.clone()),
-        storage.object_store(),
-    ));
-
     let query_router = loupe_querier::api::router(engine, access.control.clone(), query_metrics)
         .merge(crate::server::ops_router(registry));
 
@@ -127,6 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (query_listener, query_local) = bind(args.query_addr, "the query API").await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let compaction = tokio::spawn(compactor.run(args.compact_interval, stop_rx.clone()));
     let servers = [
         serve(
             grpc_listener,
@@ -174,6 +208,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: finishing requests and flushing blocks");
     let _ = stop_tx.send(true);
     crate::server::drain(servers).await;
+    let _ = compaction.await;
     queue.shutdown().await.context("final flush failed; spans remain in the write-ahead log and are replayed on the next start")?;
     Ok(())
 }

@@ -1,6 +1,8 @@
-//! `loupe traces get|search`: read traces from a query API and print them.
+//! `loupe traces get|search|delete|deletions`: read traces from a query API and print
+//! them, and delete traces on request.
 
 use anyhow::{Context, bail};
+use loupe_querier::deletions::{DeletionList, DeletionView};
 use loupe_querier::model::{SearchResponse, SpanNode, TraceView};
 
 #[derive(clap::Args)]
@@ -33,6 +35,18 @@ enum TracesCommand {
     },
     /// Find traces; filters combine with AND.
     Search(Box<SearchArgs>),
+    /// Delete a trace, or every trace of a user: hidden from every query at once,
+    /// removed from storage by the next compaction. The request is recorded.
+    Delete {
+        /// The trace id (32 hex characters).
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        trace_id: Option<String>,
+        /// Delete every trace with a span of this user id instead.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List the project's deletion requests and whether storage is clean of them yet.
+    Deletions,
 }
 
 #[derive(clap::Args, Default)]
@@ -113,7 +127,16 @@ async fn get_json(
     key: Option<&str>,
     query: &[(&str, String)],
 ) -> anyhow::Result<String> {
-    let mut request = reqwest::Client::new().get(url).query(query);
+    call(reqwest::Method::GET, url, key, query).await
+}
+
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    key: Option<&str>,
+    query: &[(&str, String)],
+) -> anyhow::Result<String> {
+    let mut request = reqwest::Client::new().request(method, url).query(query);
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
@@ -165,8 +188,66 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 print!("{}", render_search(&result));
             }
         }
+        TracesCommand::Delete { trace_id, user } => {
+            let (url, query) = match (trace_id, user) {
+                (Some(id), _) => (format!("{base}/api/v1/traces/{id}"), vec![]),
+                (None, Some(user)) => (
+                    format!("{base}/api/v1/traces"),
+                    vec![("user_id", user.clone())],
+                ),
+                (None, None) => bail!("name a trace id or --user"),
+            };
+            let body = call(reqwest::Method::DELETE, &url, args.key.as_deref(), &query).await?;
+            if args.json {
+                println!("{body}");
+            } else {
+                let d: DeletionView = serde_json::from_str(&body).context("unexpected response")?;
+                println!(
+                    "deletion {} recorded: {} trace(s) hidden from every query now; \
+                     the compactor removes them from storage (see `loupe traces deletions`)",
+                    d.id, d.traces
+                );
+            }
+        }
+        TracesCommand::Deletions => {
+            let body = get_json(
+                &format!("{base}/api/v1/deletions"),
+                args.key.as_deref(),
+                &[],
+            )
+            .await?;
+            if args.json {
+                println!("{body}");
+            } else {
+                let list: DeletionList =
+                    serde_json::from_str(&body).context("unexpected response")?;
+                print!("{}", render_deletions(&list));
+            }
+        }
     }
     Ok(())
+}
+
+fn render_deletions(list: &DeletionList) -> String {
+    if list.deletions.is_empty() {
+        return "no deletion requests\n".into();
+    }
+    let mut out = format!(
+        "{:<16}  {:<20}  {:<10}  {:>7}  {:<16}  {}\n",
+        "ID", "REQUESTED", "STATUS", "TRACES", "BY", "USER"
+    );
+    for d in &list.deletions {
+        out.push_str(&format!(
+            "{:<16}  {:<20}  {:<10}  {:>7}  {:<16}  {}\n",
+            d.id,
+            d.requested_at.get(..19).unwrap_or(&d.requested_at),
+            d.status,
+            d.traces,
+            d.requested_by,
+            d.user_id.as_deref().unwrap_or("-"),
+        ));
+    }
+    out
 }
 
 fn fmt_duration(ms: f64) -> String {

@@ -37,12 +37,23 @@
 //!         - key: user.tier
 //!           values: [enterprise]
 //!       percentage: 10              # of the traces no rule kept
+//!     redaction:                    # PII redaction at ingest (see `redact`); absent =
+//!       detectors:                  # email, phone, card, iban, us_ssn, secrets masked
+//!         ip: mask                  # off by default
+//!         email: hash               # "[EMAIL:<hex>]"; needs LOUPE_REDACTION_KEY
+//!       rules:
+//!         - name: order
+//!           pattern: "ORD-[0-9-]+"  # masked as [ORDER]
+//!       attributes:
+//!         - key: user.email
+//!           action: drop
 //! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::keys::KeyConfig;
 use crate::pricing::PriceEntry;
+use crate::redact::RedactionConfig;
 use crate::sampling::SamplingPolicy;
 use crate::{Environment, Error, TenantId};
 
@@ -126,6 +137,11 @@ pub struct TenantConfig {
     /// RESOURCE_EXHAUSTED / 429 and a retry hint. Absent = unlimited.
     #[serde(default)]
     pub rate_limits: Option<RateLimits>,
+    /// PII redaction of this project's spans at ingest, before normalization. Absent =
+    /// the built-in detectors mask emails, phone numbers, card numbers, IBANs, US SSNs
+    /// and secrets; `enabled: false` turns redaction off.
+    #[serde(default, skip_serializing_if = "RedactionConfig::is_default")]
+    pub redaction: RedactionConfig,
 }
 
 /// Per-project ingest rates. Each allows a burst of one second's worth (and at least
@@ -230,6 +246,7 @@ impl DataPlaneConfig {
                     }
                 }
             }
+            t.redaction.validate(&format!("tenants[{i}].redaction"))?;
             if let Some(r) = t.retention
                 && r < std::time::Duration::from_secs(3600)
             {
@@ -255,6 +272,7 @@ impl DataPlaneConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redact::{Action, Detector, DetectorAction};
 
     #[test]
     fn parses_the_documented_example() {
@@ -289,6 +307,58 @@ mod tests {
                 percentage: 10.0,
             })
         );
+        assert!(cfg.tenants[0].redaction.is_default());
+        assert!(cfg.tenants[0].redaction.enabled);
+        let redaction = &chat.redaction;
+        assert_eq!(
+            redaction.detectors,
+            std::collections::BTreeMap::from([
+                (Detector::Email, DetectorAction::Hash),
+                (Detector::Ip, DetectorAction::Mask),
+            ])
+        );
+        assert_eq!(redaction.rules[0].name, "order");
+        assert_eq!(redaction.rules[0].action, Action::Mask);
+        assert_eq!(redaction.attributes[0].key, "user.email");
+        assert_eq!(redaction.attributes[0].action, Action::Drop);
+    }
+
+    #[test]
+    fn redaction_section() {
+        let yaml = "tenants:\n  - id: a/b\n    redaction:\n      enabled: false\n  - id: a/c\n";
+        let cfg = DataPlaneConfig::from_yaml(yaml).unwrap();
+        assert!(!cfg.tenants[0].redaction.enabled);
+        assert_eq!(cfg.tenants[1].redaction, RedactionConfig::default());
+        // The default is left out when the operator renders a tenant.
+        let rendered = serde_saphyr::to_string(&cfg.tenants[1]).unwrap();
+        assert!(!rendered.contains("redaction"), "{rendered}");
+        let rendered = serde_saphyr::to_string(&cfg.tenants[0]).unwrap();
+        assert!(rendered.contains("redaction"), "{rendered}");
+
+        for (section, field) in [
+            (
+                "rules: [{ name: order, pattern: 'ORD-(' }]",
+                "tenants[0].redaction.rules[0].pattern",
+            ),
+            (
+                "rules: [{ name: '', pattern: x }]",
+                "tenants[0].redaction.rules[0].name",
+            ),
+            (
+                "attributes: [{ key: '' }]",
+                "tenants[0].redaction.attributes[0].key",
+            ),
+        ] {
+            let yaml = format!("tenants:\n  - id: a/b\n    redaction: {{ {section} }}\n");
+            let err = DataPlaneConfig::from_yaml(&yaml).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let typo = "tenants:\n  - id: a/b\n    redaction: { detector: {} }\n";
+        let err = DataPlaneConfig::from_yaml(typo).unwrap_err();
+        assert!(err.to_string().contains("detector"), "{err}");
+        // Hashing is valid config; the key is checked when the redactor is built.
+        let hash = "tenants:\n  - id: a/b\n    redaction: { detectors: { phone: hash } }\n";
+        DataPlaneConfig::from_yaml(hash).unwrap();
     }
 
     #[test]

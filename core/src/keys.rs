@@ -257,11 +257,25 @@ impl AccessControl {
     }
 
     pub fn authorize_key(&self, key: Option<&str>, scope: Scope) -> Result<TenantId, AuthError> {
+        self.owner_of_key(key, scope).map(|o| o.tenant)
+    }
+
+    /// Whom a request that needs `scope` comes from: the key's tenant and name
+    /// (`anonymous` while requests are served without keys).
+    pub fn owner(&self, headers: &http::HeaderMap, scope: Scope) -> Result<KeyOwner, AuthError> {
+        self.owner_of_key(credential(headers), scope)
+    }
+
+    fn owner_of_key(&self, key: Option<&str>, scope: Scope) -> Result<KeyOwner, AuthError> {
         let ring = self.ring.read().expect("key ring lock").clone();
         if ring.is_empty()
             && let Some(open) = &self.open_tenant
         {
-            return Ok(open.clone());
+            return Ok(KeyOwner {
+                tenant: open.clone(),
+                scope,
+                name: "anonymous".into(),
+            });
         }
         let key = key.filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
         let owner = ring.find(key).ok_or(AuthError::Unknown)?;
@@ -271,7 +285,7 @@ impl AccessControl {
                 need: scope,
             });
         }
-        Ok(owner.tenant.clone())
+        Ok(owner.clone())
     }
 }
 

@@ -9,6 +9,11 @@
 //! A block id derives from the source range it holds (`wal-<first seq>-<last seq>`,
 //! later `p<partition>-<first offset>-<last offset>` for Kafka), so a retried flush
 //! rewrites the same block rather than adding a copy.
+//!
+//! The compactor merges blocks into one whose metadata lists the blocks it replaces
+//! ([`Compaction::replaces`]). Readers hide a replaced block as soon as the replacing
+//! block's metadata exists ([`visible`]), and the compactor deletes replaced blocks
+//! only after a grace period, so a query never sees a span twice or misses one.
 
 use arrow::array::RecordBatch;
 use object_store::ObjectStoreExt;
@@ -67,6 +72,22 @@ pub struct BlockMeta {
     /// Scores written with the block, in [`BlockMeta::scores_path`].
     #[serde(default)]
     pub scores: u64,
+    /// Set on blocks the compactor wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compaction: Option<Compaction>,
+}
+
+/// What a compacted block stands in for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Compaction {
+    /// Ids of the blocks whose spans this block holds; readers hide them.
+    pub replaces: Vec<String>,
+    /// 1 + the highest level among the replaced blocks (writer blocks are level 0).
+    pub level: u32,
+    /// The highest record of each source (`wal`, `p<partition>`) in the replaced
+    /// blocks, so a process replaying its log knows what is already stored.
+    #[serde(default)]
+    pub last_seq: std::collections::BTreeMap<String, u64>,
 }
 
 impl BlockMeta {
@@ -89,6 +110,54 @@ impl BlockMeta {
     pub fn overlaps(&self, start_ns: i64, end_ns: i64) -> bool {
         self.min_start_ns < end_ns && self.max_start_ns >= start_ns
     }
+
+    /// The blocks this one replaces (none for a block a writer wrote).
+    pub fn replaces(&self) -> &[String] {
+        self.compaction.as_ref().map_or(&[], |c| &c.replaces)
+    }
+
+    /// The highest record of `source` this block holds, directly or through the
+    /// blocks it replaces.
+    pub fn last_seq_of(&self, source: &str) -> Option<u64> {
+        let own = (self.source == source).then_some(self.last_seq);
+        let merged = self
+            .compaction
+            .as_ref()
+            .and_then(|c| c.last_seq.get(source).copied());
+        own.max(merged)
+    }
+}
+
+/// The blocks a query may read: every block except those another block replaces.
+/// A compacted block and the blocks it replaces are never both visible, whatever
+/// moment a listing was taken at.
+pub fn visible(blocks: Vec<BlockMeta>) -> Vec<BlockMeta> {
+    let replaced: std::collections::HashSet<&str> = blocks
+        .iter()
+        .flat_map(|b| b.replaces().iter().map(String::as_str))
+        .collect();
+    if replaced.is_empty() {
+        return blocks;
+    }
+    let hidden: std::collections::HashSet<String> = blocks
+        .iter()
+        .filter(|b| replaced.contains(b.block_id.as_str()))
+        .map(|b| b.block_id.clone())
+        .collect();
+    blocks
+        .into_iter()
+        .filter(|b| !hidden.contains(&b.block_id))
+        .collect()
+}
+
+/// A sampling weight rounded to four significant digits: blocks whose weights round
+/// alike are read (and merged) as one group.
+pub fn rounded_weight(w: f64) -> f64 {
+    if !w.is_finite() || w <= 1.0 {
+        return 1.0;
+    }
+    let scale = 10f64.powi(3 - w.log10().floor() as i32);
+    (w * scale).round() / scale
 }
 
 /// `seen / kept`, at least 1; 1 when nothing was kept.
@@ -123,6 +192,8 @@ pub struct TenantSnapshot {
     pub head_seen_spans: u64,
     /// Scores not yet in a block, in [`crate::score::score_schema`].
     pub head_scores: Vec<RecordBatch>,
+    /// Traces deleted on request: queries leave them out (see [`crate::deletion`]).
+    pub deleted: std::sync::Arc<std::collections::HashSet<[u8; 16]>>,
 }
 
 /// The source of a tenant's visible data. The standalone process implements it from
@@ -178,24 +249,63 @@ impl StorageError {
 #[derive(Clone, Debug)]
 pub struct Storage {
     store: std::sync::Arc<dyn object_store::ObjectStore>,
+    /// For a bucket with a prefix: the bucket's store and the prefix (`p/`), for
+    /// readers that address objects by full path (DataFusion's listing tables).
+    bucket: Option<(std::sync::Arc<dyn object_store::ObjectStore>, String)>,
     url: String,
     /// Set for a local directory, whose files must be fsynced explicitly.
     local_root: Option<std::path::PathBuf>,
 }
 
 impl Storage {
-    /// Opens storage from a URL: `file:///abs/dir` or a plain directory path.
-    /// (S3, GCS and Azure URLs are accepted by the distributed roles; see docs/.)
+    /// Opens storage from a URL: `file:///abs/dir`, a plain directory path, or
+    /// `s3://bucket[/prefix]` for AWS S3 and S3-compatible stores (MinIO, Ceph, GCS's
+    /// S3 endpoint), configured the way AWS tools are: `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT` (a non-AWS endpoint),
+    /// `AWS_ALLOW_HTTP=true` (a plain-HTTP endpoint), or a pod's web identity.
     pub fn open(location: &str) -> Result<Storage, StorageError> {
         let invalid = |reason: &str| StorageError::InvalidUrl {
             url: location.to_owned(),
             reason: reason.to_owned(),
         };
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let prefix = prefix.trim_matches('/');
+            if bucket.is_empty() {
+                return Err(invalid("no bucket: expected s3://<bucket>[/<prefix>]"));
+            }
+            let s3: std::sync::Arc<dyn object_store::ObjectStore> = std::sync::Arc::new(
+                object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| invalid(&e.to_string()))?,
+            );
+            let (store, bucket_root): (std::sync::Arc<dyn object_store::ObjectStore>, _) = if prefix
+                .is_empty()
+            {
+                (s3, None)
+            } else {
+                (
+                    std::sync::Arc::new(object_store::prefix::PrefixStore::new(s3.clone(), prefix)),
+                    Some((s3, format!("{prefix}/"))),
+                )
+            };
+            return Ok(Storage {
+                store,
+                bucket: bucket_root,
+                url: if prefix.is_empty() {
+                    format!("s3://{bucket}")
+                } else {
+                    format!("s3://{bucket}/{prefix}")
+                },
+                local_root: None,
+            });
+        }
         let path = match location.strip_prefix("file://") {
             Some(p) => std::path::PathBuf::from(p),
             None if location.contains("://") => {
                 return Err(invalid(
-                    "only file:// and plain directories are supported by this build",
+                    "expected a directory, file:///<dir> or s3://<bucket>[/<prefix>]",
                 ));
             }
             None => std::path::PathBuf::from(location),
@@ -205,6 +315,7 @@ impl Storage {
         let store = object_store::local::LocalFileSystem::new_with_prefix(&path)?;
         Ok(Storage {
             store: std::sync::Arc::new(store),
+            bucket: None,
             url: format!("file://{}", path.display()),
             local_root: Some(path),
         })
@@ -212,6 +323,17 @@ impl Storage {
 
     pub fn object_store(&self) -> std::sync::Arc<dyn object_store::ObjectStore> {
         self.store.clone()
+    }
+
+    /// The store to address objects by full path, and the path prefix to put before
+    /// every path of this storage (empty unless the storage is a prefix of a bucket).
+    /// DataFusion's listing tables read through this: they find no file through an
+    /// `object_store` `PrefixStore`.
+    pub fn root_store(&self) -> (std::sync::Arc<dyn object_store::ObjectStore>, &str) {
+        match &self.bucket {
+            Some((store, prefix)) => (store.clone(), prefix),
+            None => (self.store.clone(), ""),
+        }
     }
 
     /// Where the storage lives, for logs and for registering with a query engine.
@@ -250,24 +372,41 @@ impl Storage {
     /// Reads every block's metadata under `tenants/` (all tenants), and the paths of
     /// Parquet files that have no metadata (a flush that crashed half way).
     pub async fn list_blocks(&self) -> Result<(Vec<BlockMeta>, Vec<String>), StorageError> {
+        let (metas, orphans) = self.list_blocks_with_orphan_times().await?;
+        Ok((metas, orphans.into_iter().map(|(p, _)| p).collect()))
+    }
+
+    /// Like [`Storage::list_blocks`], with each orphan's last modification time
+    /// (Unix nanoseconds): a file younger than a flush takes may still get its
+    /// metadata. A block whose metadata vanished between listing and reading (a
+    /// compactor deleting it) is left out.
+    pub async fn list_blocks_with_orphan_times(
+        &self,
+    ) -> Result<(Vec<BlockMeta>, Vec<(String, i64)>), StorageError> {
         use futures::TryStreamExt;
         let prefix = object_store::path::Path::from("tenants");
         let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
         let mut metas = Vec::new();
-        let mut parquet = std::collections::HashSet::new();
+        let mut parquet = std::collections::HashMap::new();
         for o in &objects {
             let p = o.location.as_ref();
             if let Some(stem) = p.strip_suffix(".meta.json") {
-                metas.push((stem.to_owned(), self.read_meta(p).await?));
-            } else if p.ends_with(".scores.parquet") || p.ends_with(".parquet") {
-                parquet.insert(p.to_owned());
+                match self.read_meta(p).await {
+                    Ok(meta) => metas.push((stem.to_owned(), meta)),
+                    Err(StorageError::Store(object_store::Error::NotFound { .. })) => {}
+                    Err(e) => return Err(e),
+                }
+            } else if p.ends_with(".parquet") {
+                let modified = o.last_modified.timestamp_nanos_opt().unwrap_or(i64::MAX);
+                parquet.insert(p.to_owned(), modified);
             }
         }
         for (stem, _) in &metas {
             parquet.remove(&format!("{stem}.parquet"));
             parquet.remove(&format!("{stem}.scores.parquet"));
         }
-        let orphans = parquet.into_iter().collect();
+        let mut orphans: Vec<(String, i64)> = parquet.into_iter().collect();
+        orphans.sort();
         let mut metas: Vec<BlockMeta> = metas.into_iter().map(|(_, m)| m).collect();
         metas.sort_by(|a, b| (&a.tenant, &a.block_id).cmp(&(&b.tenant, &b.block_id)));
         Ok((metas, orphans))
@@ -295,10 +434,46 @@ impl Storage {
         })
     }
 
+    /// Deletes an object; deleting one that is already gone succeeds.
     pub async fn delete(&self, path: &str) -> Result<(), StorageError> {
-        self.store
+        match self
+            .store
             .delete(&object_store::path::Path::from(path))
-            .await?;
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes a block: its metadata first (which hides it from every listing), then
+    /// its files. Interrupted half way, it leaves files without metadata, which are
+    /// removed as orphans.
+    pub async fn delete_block(&self, meta: &BlockMeta) -> Result<(), StorageError> {
+        self.delete(&meta.meta_path()).await?;
+        self.delete(&meta.path).await?;
+        if meta.scores > 0 {
+            self.delete(&meta.scores_path()).await?;
+        }
         Ok(())
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, path: &str) -> Result<bytes::Bytes, StorageError> {
+        let location = object_store::path::Path::from(path);
+        Ok(self.store.get(&location).await?.bytes().await?)
+    }
+
+    /// Lists the objects under `prefix` (paths only).
+    pub async fn list_paths(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        use futures::TryStreamExt;
+        let prefix = object_store::path::Path::from(prefix);
+        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let mut paths: Vec<String> = objects
+            .into_iter()
+            .map(|o| o.location.to_string())
+            .collect();
+        paths.sort();
+        Ok(paths)
     }
 }

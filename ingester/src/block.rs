@@ -170,11 +170,18 @@ pub fn encode_scores(scores: &[ScoreRecord]) -> Result<Bytes, BlockError> {
     let mut sorted = scores.to_vec();
     sorted.sort_by(|a, b| (&a.trace_id, a.created_ns).cmp(&(&b.trace_id, b.created_ns)));
     let batch = score::scores_to_batch(&sorted).map_err(|e| enc(&e))?;
-    let props = trace_keyed(sorted.len() as u64).build();
+    encode_score_batch(&batch)
+}
+
+/// Encodes a batch of scores (in [`score::score_schema`], sorted by trace id) as a
+/// Parquet file with a bloom filter on trace ids.
+pub fn encode_score_batch(batch: &RecordBatch) -> Result<Bytes, BlockError> {
+    let enc = |e: &dyn std::fmt::Display| BlockError::Encode(e.to_string());
+    let props = trace_keyed(batch.num_rows() as u64).build();
     let mut out = Vec::new();
     let mut writer =
         ArrowWriter::try_new(&mut out, score::score_schema(), Some(props)).map_err(|e| enc(&e))?;
-    writer.write(&batch).map_err(|e| enc(&e))?;
+    writer.write(batch).map_err(|e| enc(&e))?;
     writer.close().map_err(|e| enc(&e))?;
     Ok(Bytes::from(out))
 }
@@ -232,6 +239,7 @@ pub async fn write(
         seen_spans: seen_spans.max(block.spans),
         created_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX),
         scores: job.scores.len() as u64,
+        compaction: None,
     };
     let json = serde_json::to_vec_pretty(&meta).expect("block metadata serializes");
     storage

@@ -12,12 +12,13 @@ use loupe_core::config::{DataPlaneConfig, Limits, RateLimits};
 use loupe_core::keys::{AccessControl, AuthError, Scope};
 use loupe_core::normalize::{NormalizeOptions, Normalized, normalize_request};
 use loupe_core::pricing::{PriceBook, PriceOutcome};
+use loupe_core::redact::{RedactionConfig, Redactor, project_hash_key};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message;
 
-use crate::metrics::{IngestMetrics, ProtocolLabels, RejectLabels};
+use crate::metrics::{IngestMetrics, ProtocolLabels, RedactionLabels, RejectLabels};
 use crate::sink::{SinkError, SpanSink};
 use crate::usage::UsageSummary;
 
@@ -98,6 +99,8 @@ struct TenantRuntime {
     pricing: Arc<PriceBook>,
     normalize: NormalizeOptions,
     limiter: Option<Arc<TenantLimiter>>,
+    /// `None` when the project turned redaction off.
+    redactor: Option<Arc<Redactor>>,
 }
 
 type Limiter = governor::RateLimiter<
@@ -161,15 +164,24 @@ impl TenantLimiter {
     }
 }
 
-/// A decoded, normalized and priced request.
+/// A decoded, redacted, normalized and priced request.
 struct Prepared {
     normalized: Normalized,
     unpriced: u64,
+    /// Replacements per redaction rule (indexed like [`Redactor::rule_names`]).
+    redactions: Vec<u64>,
 }
 
 impl TenantRuntime {
     fn prepare(&self, payload: &Payload) -> Result<Prepared, IngestError> {
-        let request = payload.decode()?;
+        let mut request = payload.decode()?;
+        // Before anything else sees the request: no log, queue record or block may
+        // ever hold an original value.
+        let mut redactions = Vec::new();
+        if let Some(r) = &self.redactor {
+            redactions = vec![0; r.rule_names().len()];
+            r.redact_request(&mut request, &mut redactions);
+        }
         let mut normalized = normalize_request(&request, &self.normalize);
         drop(request);
         let mut unpriced = 0;
@@ -181,6 +193,7 @@ impl TenantRuntime {
         Ok(Prepared {
             normalized,
             unpriced,
+            redactions,
         })
     }
 }
@@ -200,14 +213,29 @@ impl IngestState {
     fn new(
         config: &DataPlaneConfig,
         previous: Option<&IngestState>,
+        redaction_key: Option<&[u8]>,
     ) -> Result<IngestState, loupe_core::Error> {
+        let redactor = |tenant: &TenantId, redaction: &RedactionConfig, field: String| {
+            let key = redaction_key.map(|k| project_hash_key(k, tenant));
+            Redactor::new(redaction, key)
+                .map(|r| r.map(Arc::new))
+                .map_err(|e| match e {
+                    loupe_core::Error::InvalidConfig { field: f, reason } => {
+                        loupe_core::Error::InvalidConfig {
+                            field: format!("{field}.{}", f.trim_start_matches("redaction.")),
+                            reason,
+                        }
+                    }
+                    other => other,
+                })
+        };
         let normalize = |env: Option<&str>| NormalizeOptions {
             max_attribute_bytes: config.limits.max_attribute_bytes,
             max_io_bytes: config.limits.max_io_bytes,
             default_environment: env.map(str::to_owned),
         };
         let mut tenants = HashMap::new();
-        for t in &config.tenants {
+        for (i, t) in config.tenants.iter().enumerate() {
             let pricing = if t.pricing.is_empty() {
                 PriceBook::builtin()
             } else {
@@ -228,6 +256,7 @@ impl IngestState {
                     pricing,
                     normalize: normalize(Some(t.environment.as_str())),
                     limiter,
+                    redactor: redactor(&t.id, &t.redaction, format!("tenants[{i}].redaction"))?,
                 },
             );
         }
@@ -242,6 +271,12 @@ impl IngestState {
                 pricing: PriceBook::builtin(),
                 normalize: normalize(None),
                 limiter: None,
+                // The open project (no config entry) gets the default rules.
+                redactor: redactor(
+                    &TenantId::default_tenant(),
+                    &RedactionConfig::default(),
+                    "redaction".into(),
+                )?,
             },
         })
     }
@@ -253,20 +288,31 @@ pub struct Ingest {
     access: Arc<AccessControl>,
     state: RwLock<Arc<IngestState>>,
     metrics: Arc<IngestMetrics>,
+    /// The master key of `hash` redaction actions (`LOUPE_REDACTION_KEY`).
+    redaction_key: Option<Arc<[u8]>>,
 }
 
 impl Ingest {
+    /// `redaction_key` is the master key from which each project's key for `hash`
+    /// redaction actions derives; a config using `hash` without one is refused.
     pub fn new(
         sink: Arc<dyn SpanSink>,
         config: &DataPlaneConfig,
         access: Arc<AccessControl>,
         metrics: Arc<IngestMetrics>,
+        redaction_key: Option<Vec<u8>>,
     ) -> Result<Ingest, loupe_core::Error> {
+        let redaction_key: Option<Arc<[u8]>> = redaction_key.map(Into::into);
         Ok(Ingest {
             sink,
             access,
-            state: RwLock::new(Arc::new(IngestState::new(config, None)?)),
+            state: RwLock::new(Arc::new(IngestState::new(
+                config,
+                None,
+                redaction_key.as_deref(),
+            )?)),
             metrics,
+            redaction_key,
         })
     }
 
@@ -274,7 +320,11 @@ impl Ingest {
     /// are reloaded by whoever owns the [`AccessControl`].
     pub fn reload(&self, config: &DataPlaneConfig) -> Result<(), loupe_core::Error> {
         let mut slot = self.state.write().expect("ingest state lock");
-        *slot = Arc::new(IngestState::new(config, Some(&slot))?);
+        *slot = Arc::new(IngestState::new(
+            config,
+            Some(&slot),
+            self.redaction_key.as_deref(),
+        )?);
         Ok(())
     }
 
@@ -359,6 +409,7 @@ impl Ingest {
         let Prepared {
             normalized,
             unpriced,
+            redactions,
         } = if payload.len() <= INLINE_BYTES {
             rt.prepare(&payload)?
         } else {
@@ -368,6 +419,18 @@ impl Ingest {
                 .map_err(|e| IngestError::Internal(format!("normalization task failed: {e}")))??
         };
         let m = &self.metrics;
+        if let Some(r) = &rt.redactor {
+            for (rule, &n) in r.rule_names().iter().zip(&redactions) {
+                if n > 0 {
+                    m.redactions
+                        .get_or_create(&RedactionLabels {
+                            tenant: tenant.to_string(),
+                            rule: rule.clone(),
+                        })
+                        .inc_by(n);
+                }
+            }
+        }
         if normalized.truncated_values > 0 {
             m.values_truncated.inc_by(normalized.truncated_values);
         }

@@ -3,6 +3,7 @@
 //! Parquet block writer.
 
 pub mod block;
+pub mod compactor;
 pub mod grpc;
 pub mod http;
 pub mod ingest;

@@ -6,6 +6,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// Labels of the redaction counter: one series per project and rule that matched.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RedactionLabels {
+    pub tenant: String,
+    pub rule: String,
+}
+
 /// Label set of per-protocol counters; bounded: protocol × outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct ProtocolLabels {
@@ -26,6 +33,8 @@ pub struct IngestMetrics {
     pub requests_rejected: Family<RejectLabels, Counter>,
     pub request_bytes: Family<ProtocolLabels, Counter>,
     pub values_truncated: Counter,
+    /// Replacements made by redaction, per project and rule (never the values).
+    pub redactions: Family<RedactionLabels, Counter>,
     pub spans_unpriced: Counter,
     pub export_seconds: Family<ProtocolLabels, Histogram>,
     pub wal_sync_seconds: Histogram,
@@ -55,6 +64,7 @@ impl IngestMetrics {
             requests_rejected: Family::default(),
             request_bytes: Family::default(),
             values_truncated: Counter::default(),
+            redactions: Family::default(),
             spans_unpriced: Counter::default(),
             export_seconds: Family::new_with_constructor(latency_histogram),
             wal_sync_seconds: latency_histogram(),
@@ -98,6 +108,11 @@ impl IngestMetrics {
             "ingest_request_bytes",
             "Bytes of export requests received (decompressed)",
             m.request_bytes.clone(),
+        );
+        r.register(
+            "redactions",
+            "Values redacted before storage, by project and rule (a dropped attribute counts once)",
+            m.redactions.clone(),
         );
         r.register(
             "ingest_values_truncated",

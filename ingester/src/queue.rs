@@ -184,8 +184,8 @@ impl EmbeddedQueue {
         let mut max_seq = 0;
         let mut blocks: HashMap<TenantId, Vec<BlockMeta>> = HashMap::new();
         for meta in metas {
-            if meta.source == WAL_SOURCE {
-                max_seq = max_seq.max(meta.last_seq);
+            if let Some(seq) = meta.last_seq_of(WAL_SOURCE) {
+                max_seq = max_seq.max(seq);
             }
             blocks.entry(meta.tenant.clone()).or_default().push(meta);
         }
@@ -446,14 +446,36 @@ impl SpanSink for EmbeddedQueue {
     }
 }
 
+impl EmbeddedQueue {
+    /// Takes a block the compactor wrote or deleted into the queue's block index.
+    pub fn apply(&self, change: &crate::compactor::IndexChange) {
+        use crate::compactor::IndexChange;
+        let mut state = self.shared.state();
+        match change {
+            IndexChange::Added(meta) => {
+                let blocks = state.blocks.entry(meta.tenant.clone()).or_default();
+                blocks.retain(|b| b.block_id != meta.block_id);
+                blocks.push(meta.clone());
+            }
+            IndexChange::Removed(meta) => {
+                if let Some(blocks) = state.blocks.get_mut(&meta.tenant) {
+                    blocks.retain(|b| b.block_id != meta.block_id);
+                }
+            }
+        }
+    }
+}
+
 impl SpanSource for EmbeddedQueue {
     fn snapshot(&self, tenant: &TenantId) -> TenantSnapshot {
         let mut state = self.shared.state();
+        let blocks = state.blocks.get(tenant).cloned().unwrap_or_default();
         TenantSnapshot {
-            blocks: state.blocks.get(tenant).cloned().unwrap_or_default(),
+            blocks: loupe_core::storage::visible(blocks),
             head: state.writer.kept_batches(tenant),
             head_seen_spans: state.writer.seen_spans(tenant),
             head_scores: state.writer.kept_scores(tenant),
+            deleted: Default::default(),
         }
     }
 }

@@ -635,6 +635,7 @@ mod tests {
             keys: Vec::new(),
             retention: None,
             rate_limits: None,
+            redaction: Default::default(),
         });
         Arc::new(SamplingRules::from_config(&cfg))
     }

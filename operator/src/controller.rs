@@ -246,6 +246,16 @@ pub async fn reconcile_platform(
     let config = tenants::config_yaml(&plan.config);
     let children = render::children(&platform, &config)?;
 
+    // The receivers' redaction key is made once and kept: a new one would change
+    // the token of every hashed value.
+    let platform_secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    if platform_secrets
+        .get_opt(&render::redaction_key_secret_name(&name))
+        .await?
+        .is_none()
+    {
+        apply(client, &ns, &render::redaction_key_secret(&platform)).await?;
+    }
     apply(client, &ns, &children.service_account).await?;
     apply(client, &ns, &children.config_map).await?;
     for d in &children.deployments {
@@ -506,12 +516,12 @@ pub async fn reconcile_project(
 
     if project.metadata.deletion_timestamp.is_some() {
         if has_finalizer {
-            // Stored data is removed with the project. Deleting blocks needs the
-            // storage, which arrives with the compactor role; until then the
-            // finalizer stays and says why.
+            // Stored data is removed with the project. Deleting a whole tenant's
+            // blocks is not automated yet; the finalizer stays and says why.
             let note = "spec.deletionPolicy is Delete: this project's stored traces must be deleted before it goes; \
-                        data deletion runs in the compactor, which this Loupe version does not deploy yet. \
-                        Delete the tenant's prefix from storage, then remove the finalizer loupe.dev/delete-data";
+                        this Loupe version does not delete a whole project's data by itself. \
+                        Delete the prefixes tenants/<namespace>/<project>/ and deletions/<namespace>/<project>/ from storage, \
+                        then remove the finalizer loupe.dev/delete-data";
             ctx.event(&*project, true, "DataDeletionPending", note.to_owned())
                 .await;
             return Ok(Action::requeue(Duration::from_secs(300)));

@@ -41,7 +41,8 @@ const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d|w))+$";
 )]
 #[x_kube(
     validation = Rule::new("!has(self.write.replicas) || self.write.replicas <= self.kafka.partitions").message("write.replicas cannot exceed kafka.partitions: a writer without a partition idles"),
-    validation = Rule::new("!has(self.write.autoscaling) || self.write.autoscaling.maxReplicas <= self.kafka.partitions").message("write.autoscaling.maxReplicas cannot exceed kafka.partitions: a writer without a partition idles")
+    validation = Rule::new("!has(self.write.autoscaling) || self.write.autoscaling.maxReplicas <= self.kafka.partitions").message("write.autoscaling.maxReplicas cannot exceed kafka.partitions: a writer without a partition idles"),
+    validation = Rule::new("!has(self.compactor.autoscaling) && (!has(self.compactor.replicas) || self.compactor.replicas <= 1)").message("the compactor runs as one pod (replicas 0 or 1, no autoscaling): two would merge the same blocks")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TracePlatformSpec {
@@ -67,8 +68,9 @@ pub struct TracePlatformSpec {
     /// The queriers (`loupe querier`): stateless, serve the query API.
     #[serde(default)]
     pub querier: RoleSpec,
-    /// The compactor: merges small blocks and applies retention. Reserved: the
-    /// compactor role arrives with storage compaction; no pods run for it yet.
+    /// The compactor (`loupe compactor`): one pod that merges small blocks, removes
+    /// duplicate spans, applies each project's retention and carries out deletion
+    /// requests. `replicas: 0` stops it.
     #[serde(default)]
     pub compactor: RoleSpec,
 }
@@ -254,7 +256,8 @@ pub struct StorageSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RoleSpec {
-    /// Pods when autoscaling is off (default 2 for receive and querier, 1 for write).
+    /// Pods when autoscaling is off (default 2 for receive and querier, 1 for write
+    /// and the compactor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
@@ -359,10 +362,11 @@ pub struct TraceProjectSpec {
     /// Ingest rates; beyond them exports are refused with a retry hint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ProjectLimits>,
-    /// Redaction rules, applied at ingest by a later Loupe version; validated now.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 100))]
-    pub redaction: Vec<RedactionRule>,
+    /// PII redaction at ingest, before anything is stored. Absent: the built-in
+    /// detectors mask emails, phone numbers, card numbers, IBANs, US SSNs and secrets
+    /// (API keys, tokens, private keys) in every text a span carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redaction: Option<RedactionSpec>,
     /// Prices that beat the built-in table for this project's models.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000))]
@@ -421,27 +425,102 @@ pub struct ProjectLimits {
     pub bytes_per_second: Option<u32>,
 }
 
-fn default_replacement() -> String {
-    "[REDACTED]".into()
+/// PII redaction of a project's spans (see docs/redaction.md).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RedactionSpec {
+    /// false turns redaction off for this project (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Actions that replace a built-in detector's default (ip is off by default, the
+    /// others mask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detectors: Option<DetectorActions>,
+    /// Custom patterns, applied to every text of a span.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub rules: Vec<RedactionRule>,
+    /// Rules on attribute keys (exact match, at any level), applied to the whole value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub attributes: Vec<AttributeRedaction>,
 }
 
-/// A redaction rule: text matching `pattern` is replaced before it is stored.
+/// The action of each built-in detector; unset ones keep their default.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DetectorActions {
+    /// `local@domain.tld` addresses (default mask: `[EMAIL]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<DetectorAction>,
+    /// E.164 and common national phone numbers (default mask: `[PHONE]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<DetectorAction>,
+    /// Luhn-valid payment card numbers (default mask: `[CARD]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<DetectorAction>,
+    /// IBANs passing the mod-97 check (default mask: `[IBAN]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iban: Option<DetectorAction>,
+    /// US social security numbers (default mask: `[SSN]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub us_ssn: Option<DetectorAction>,
+    /// IPv4 and IPv6 addresses (default off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<DetectorAction>,
+    /// API keys, cloud access keys, tokens, JWTs, private keys (default mask: `[SECRET]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<DetectorAction>,
+}
+
+/// What a detector does with what it finds.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectorAction {
+    Off,
+    Mask,
+    Hash,
+    Drop,
+}
+
+/// What a rule does with what it matches: mask (a token such as `[ORDER]`), hash
+/// (a keyed HMAC, so equal values stay joinable) or drop (the whole attribute).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RedactionAction {
+    #[default]
+    Mask,
+    Hash,
+    Drop,
+}
+
+/// A custom redaction pattern.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RedactionRule {
-    /// Name of the rule, shown in metrics.
+    /// Name of the rule, shown in metrics; the mask is `[<NAME>]` unless
+    /// `replacement` says otherwise.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Regular expression (Rust regex syntax, no look-around).
     #[schemars(length(min = 1, max = 4096))]
     pub pattern: String,
-    /// Attribute keys the rule applies to; empty applies it to every string attribute
-    /// and to the input and output text.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub attributes: Vec<String>,
-    /// Text put in place of each match.
-    #[serde(default = "default_replacement")]
-    pub replacement: String,
+    #[serde(default)]
+    pub action: RedactionAction,
+    /// Text put in place of each match by `mask`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub replacement: Option<String>,
+}
+
+/// A rule on an attribute key: `user.email`, `enduser.id`…
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AttributeRedaction {
+    #[schemars(length(min = 1, max = 255))]
+    pub key: String,
+    #[serde(default)]
+    pub action: RedactionAction,
 }
 
 /// A price for models whose id matches `match`. Prices are USD per 1 million tokens.

@@ -123,20 +123,26 @@ async fn a_platform_applies_its_children_renders_its_projects_and_reports_status
             "GET /apis/loupe.dev/v1alpha1/samplingpolicies".into(),
             "GET /api/v1/namespaces/team-a-dev/secrets/chat-loupe-keys".into(),
             "GET /api/v1/namespaces/team-a-prod/secrets/chat-loupe-keys".into(),
+            format!("GET {ns}/secrets/loupe-redaction-key"),
+            format!("PATCH {ns}/secrets/loupe-redaction-key"),
             format!("PATCH {ns}/serviceaccounts/loupe"),
             format!("PATCH {ns}/configmaps/loupe-config"),
             format!("PATCH {apps}/deployments/loupe-receive"),
             format!("PATCH {apps}/deployments/loupe-write"),
             format!("PATCH {apps}/deployments/loupe-querier"),
+            format!("PATCH {apps}/deployments/loupe-compactor"),
             format!("PATCH {ns}/services/loupe-receive"),
             format!("PATCH {ns}/services/loupe-write"),
             format!("PATCH {ns}/services/loupe-querier"),
+            format!("PATCH {ns}/services/loupe-compactor"),
             format!("PATCH {pdb}/loupe-receive"),
             format!("PATCH {pdb}/loupe-querier"),
             format!("DELETE {hpa}/loupe-receive"),
             format!("DELETE {hpa}/loupe-write"),
             format!("DELETE {pdb}/loupe-write"),
             format!("DELETE {hpa}/loupe-querier"),
+            format!("DELETE {hpa}/loupe-compactor"),
+            format!("DELETE {pdb}/loupe-compactor"),
             "POST /apis/events.k8s.io/v1/namespaces/observability/events".into(),
             format!("PATCH {PLATFORM_PATH}/status"),
         ]
@@ -191,6 +197,32 @@ async fn a_platform_applies_its_children_renders_its_projects_and_reports_status
         [("Normal".to_owned(), "Created".to_owned())]
     );
     assert_rbac_allows(&calls);
+
+    // The receivers' redaction key is made once: a later reconcile keeps it.
+    let key_path = format!("{ns}/secrets/loupe-redaction-key");
+    let first = api.get(&key_path).unwrap();
+    assert_eq!(
+        first["data"]["key"].as_str().unwrap().len(),
+        88,
+        "64 hex digits, base64"
+    );
+    let (ctx, _server) = context(&api, &topics);
+    within(reconcile_platform(std::sync::Arc::new(platform()), ctx))
+        .await
+        .unwrap();
+    assert_eq!(api.get(&key_path).unwrap()["data"], first["data"]);
+    let receive: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(
+        api.get(&format!("{apps}/deployments/loupe-receive"))
+            .unwrap(),
+    )
+    .unwrap();
+    let env =
+        serde_json::to_string(&receive.spec.unwrap().template.spec.unwrap().containers[0].env)
+            .unwrap();
+    assert!(
+        env.contains("LOUPE_REDACTION_KEY") && env.contains("loupe-redaction-key"),
+        "{env}"
+    );
 }
 
 #[tokio::test]

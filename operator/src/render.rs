@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
@@ -32,22 +32,24 @@ pub enum Role {
     Receive,
     Write,
     Querier,
+    Compactor,
 }
 
 impl Role {
-    pub const ALL: [Role; 3] = [Role::Receive, Role::Write, Role::Querier];
+    pub const ALL: [Role; 4] = [Role::Receive, Role::Write, Role::Querier, Role::Compactor];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Receive => "receive",
             Role::Write => "write",
             Role::Querier => "querier",
+            Role::Compactor => "compactor",
         }
     }
 
     fn default_replicas(self) -> i32 {
         match self {
-            Role::Write => 1,
+            Role::Write | Role::Compactor => 1,
             Role::Receive | Role::Querier => 2,
         }
     }
@@ -57,6 +59,8 @@ impl Role {
             Role::Receive => json!({ "cpu": "500m", "memory": "256Mi" }),
             Role::Write => json!({ "cpu": "500m", "memory": "1Gi" }),
             Role::Querier => json!({ "cpu": "500m", "memory": "512Mi" }),
+            // A merge holds a few times its target block size (64 MiB) in memory.
+            Role::Compactor => json!({ "cpu": "250m", "memory": "1Gi" }),
         }
     }
 
@@ -64,7 +68,7 @@ impl Role {
     fn ops_port(self) -> i32 {
         match self {
             Role::Querier => QUERY_PORT,
-            Role::Receive | Role::Write => METRICS_PORT,
+            Role::Receive | Role::Write | Role::Compactor => METRICS_PORT,
         }
     }
 
@@ -73,6 +77,7 @@ impl Role {
             Role::Receive => &platform.spec.receive,
             Role::Write => &platform.spec.write,
             Role::Querier => &platform.spec.querier,
+            Role::Compactor => &platform.spec.compactor,
         }
     }
 }
@@ -80,6 +85,39 @@ impl Role {
 /// The name of a role's Deployment, Service, HPA and PDB.
 pub fn role_name(platform: &str, role: Role) -> String {
     format!("{platform}-{}", role.as_str())
+}
+
+/// The Secret holding the master key of `hash` redaction actions
+/// (`LOUPE_REDACTION_KEY` of the receivers); created once, never rotated (rotating
+/// it would change every hashed value's token).
+pub fn redaction_key_secret_name(platform: &str) -> String {
+    format!("{platform}-redaction-key")
+}
+
+/// The key of [`redaction_key_secret_name`]'s Secret holding the key.
+pub const REDACTION_KEY: &str = "key";
+
+/// A new redaction key Secret for a platform, owned by it.
+pub fn redaction_key_secret(platform: &TracePlatform) -> Secret {
+    let key: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let name = platform.name_any();
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(redaction_key_secret_name(&name)),
+            namespace: platform.namespace(),
+            labels: Some(crate::crd::common_labels(&name, "redaction")),
+            owner_references: Some(vec![owner_reference(platform)]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            REDACTION_KEY.to_owned(),
+            k8s_openapi::ByteString(key.into_bytes()),
+        )])),
+        ..Default::default()
+    }
 }
 
 /// The name of the ConfigMap holding the tenant config.
@@ -225,6 +263,10 @@ pub fn children(platform: &TracePlatform, config_yaml: &str) -> Result<Children,
             deployment["spec"]["replicas"] =
                 json!(role_spec.replicas.unwrap_or(role.default_replicas()));
         }
+        if role == Role::Compactor {
+            // Never two compactors at once, not even during a rollout.
+            deployment["spec"]["strategy"] = json!({ "type": "Recreate" });
+        }
         out.deployments.push(typed("Deployment", deployment)?);
         out.services.push(typed(
             "Service",
@@ -300,7 +342,7 @@ fn service(role: Role, selector: &BTreeMap<String, String>, meta: Value) -> Valu
             port("otlp-http", OTLP_HTTP_PORT, Some("http")),
             port("metrics", METRICS_PORT, Some("http")),
         ],
-        Role::Write => vec![port("metrics", METRICS_PORT, Some("http"))],
+        Role::Write | Role::Compactor => vec![port("metrics", METRICS_PORT, Some("http"))],
         Role::Querier => vec![port("http", QUERY_PORT, Some("http"))],
     };
     json!({
@@ -337,11 +379,24 @@ fn pod_template(platform: &TracePlatform, role: Role) -> Value {
             format!("--storage={}", spec.storage.url),
             format!("--query-addr=0.0.0.0:{QUERY_PORT}"),
         ],
+        Role::Compactor => vec![
+            "compactor".into(),
+            format!("--storage={}", spec.storage.url),
+            format!("--metrics-addr=0.0.0.0:{METRICS_PORT}"),
+        ],
     };
     args.push(format!("--config={config_path}"));
-    // Keys come only from the config; until a project has some, nothing is served.
-    args.push("--require-keys".into());
+    if role != Role::Compactor {
+        // Keys come only from the config; until a project has some, nothing is served.
+        args.push("--require-keys".into());
+    }
     let mut env = vec![json!({ "name": "LOUPE_LOG_FORMAT", "value": "json" })];
+    if role == Role::Receive {
+        env.push(json!({
+            "name": "LOUPE_REDACTION_KEY",
+            "valueFrom": { "secretKeyRef": { "name": redaction_key_secret_name(&name), "key": REDACTION_KEY } },
+        }));
+    }
     let mut volumes = vec![
         json!({ "name": "config", "configMap": { "name": config_map_name(&name) } }),
         json!({ "name": "tmp", "emptyDir": {} }),
@@ -396,7 +451,7 @@ fn pod_template(platform: &TracePlatform, role: Role) -> Value {
         }
     }
     let mut env_from = Vec::new();
-    if matches!(role, Role::Write | Role::Querier) {
+    if matches!(role, Role::Write | Role::Querier | Role::Compactor) {
         if let Some(secret) = &spec.storage.credentials_secret {
             env_from.push(json!({ "secretRef": { "name": secret } }));
         }
@@ -415,7 +470,9 @@ fn pod_template(platform: &TracePlatform, role: Role) -> Value {
             json!({ "name": "otlp-http", "containerPort": OTLP_HTTP_PORT }),
             json!({ "name": "metrics", "containerPort": METRICS_PORT }),
         ],
-        Role::Write => vec![json!({ "name": "metrics", "containerPort": METRICS_PORT })],
+        Role::Write | Role::Compactor => {
+            vec![json!({ "name": "metrics", "containerPort": METRICS_PORT })]
+        }
         Role::Querier => vec![json!({ "name": "http", "containerPort": QUERY_PORT })],
     };
     let resources = role
@@ -526,9 +583,10 @@ mod tests {
         let p = example("platform-minimal.yaml");
         let c = children(&p, "tenants: []\n").unwrap();
         assert_golden("platform-minimal.yaml", &c.to_values());
-        assert_eq!(c.deployments.len(), 3);
+        assert_eq!(c.deployments.len(), 4);
         assert!(c.autoscalers.is_empty());
-        // Receive and querier run 2 pods by default; the single writer gets no PDB.
+        // Receive and querier run 2 pods by default; the single writer and the
+        // compactor get no PDB.
         assert_eq!(c.disruption_budgets.len(), 2);
         for d in &c.deployments {
             let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
@@ -536,9 +594,21 @@ mod tests {
             assert_eq!(owner.controller, Some(true));
             let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
             let args = pod.containers[0].args.as_ref().unwrap();
-            assert!(args.contains(&"--require-keys".to_owned()), "{args:?}");
             assert!(args.contains(&"--config=/etc/loupe/config.yaml".to_owned()));
+            let serves = args[0] != "compactor";
+            assert_eq!(
+                args.contains(&"--require-keys".to_owned()),
+                serves,
+                "{args:?}"
+            );
         }
+        // One compactor, never two at once.
+        let compactor = c.deployments[3].spec.as_ref().unwrap();
+        assert_eq!(compactor.replicas, Some(1));
+        assert_eq!(
+            compactor.strategy.as_ref().unwrap().type_.as_deref(),
+            Some("Recreate")
+        );
     }
 
     #[test]

@@ -162,12 +162,11 @@ pub fn tenant_entry(
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    for (i, r) in spec.redaction.iter().enumerate() {
-        regex::RegexBuilder::new(&r.pattern)
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|e| format!("redaction[{i}].pattern: {e}"))?;
-    }
+    let redaction = spec
+        .redaction
+        .as_ref()
+        .map(redaction_config)
+        .unwrap_or_default();
     let retention = spec
         .retention
         .as_deref()
@@ -201,6 +200,7 @@ pub fn tenant_entry(
             spans_per_second: l.spans_per_second,
             bytes_per_second: l.bytes_per_second,
         }),
+        redaction,
     };
     // The data plane's own validation, on this entry alone: what it would reject is
     // reported on the project instead of breaking every project's config.
@@ -271,6 +271,61 @@ pub fn plan(
 pub fn config_yaml(config: &DataPlaneConfig) -> String {
     // Plain data with string keys; serializing cannot fail.
     serde_saphyr::to_string(config).expect("the config serializes")
+}
+
+/// A project's redaction spec as the data plane's config.
+fn redaction_config(spec: &crate::crd::RedactionSpec) -> loupe_core::redact::RedactionConfig {
+    use crate::crd::{DetectorAction as A, RedactionAction};
+    use loupe_core::redact::{self as r, Detector};
+    let action = |a: RedactionAction| match a {
+        RedactionAction::Mask => r::Action::Mask,
+        RedactionAction::Hash => r::Action::Hash,
+        RedactionAction::Drop => r::Action::Drop,
+    };
+    let mut detectors = BTreeMap::new();
+    if let Some(d) = &spec.detectors {
+        for (detector, a) in [
+            (Detector::Email, d.email),
+            (Detector::Phone, d.phone),
+            (Detector::Card, d.card),
+            (Detector::Iban, d.iban),
+            (Detector::UsSsn, d.us_ssn),
+            (Detector::Ip, d.ip),
+            (Detector::Secrets, d.secrets),
+        ] {
+            if let Some(a) = a {
+                let a = match a {
+                    A::Off => r::DetectorAction::Off,
+                    A::Mask => r::DetectorAction::Mask,
+                    A::Hash => r::DetectorAction::Hash,
+                    A::Drop => r::DetectorAction::Drop,
+                };
+                detectors.insert(detector, a);
+            }
+        }
+    }
+    r::RedactionConfig {
+        enabled: spec.enabled.unwrap_or(true),
+        detectors,
+        rules: spec
+            .rules
+            .iter()
+            .map(|rule| r::PatternRule {
+                name: rule.name.clone(),
+                pattern: rule.pattern.clone(),
+                action: action(rule.action),
+                replacement: rule.replacement.clone(),
+            })
+            .collect(),
+        attributes: spec
+            .attributes
+            .iter()
+            .map(|a| r::AttributeRule {
+                key: a.key.clone(),
+                action: action(a.action),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -376,16 +431,57 @@ mod tests {
     }
 
     #[test]
+    fn redaction_reaches_the_tenant_config_as_the_data_plane_reads_it() {
+        use loupe_core::redact::{Action, Detector, DetectorAction};
+        let mut p = project("team-a", "chat", "prod");
+        p.spec.redaction = Some(
+            serde_json::from_value(serde_json::json!({
+                "detectors": { "ip": "mask", "usSsn": "off", "email": "hash" },
+                "rules": [{ "name": "order", "pattern": "ORD-[0-9]+" }],
+                "attributes": [{ "key": "user.email", "action": "drop" }],
+            }))
+            .unwrap(),
+        );
+        let mut off = project("team-a", "quiet", "dev");
+        off.spec.redaction = Some(RedactionSpec {
+            enabled: Some(false),
+            ..Default::default()
+        });
+        let all_keys = BTreeMap::from([
+            ("team-a/chat".to_owned(), keys("a")),
+            ("team-a/quiet".to_owned(), keys("b")),
+        ]);
+        let plan = plan(&platform(), &[p, off], &[], &all_keys);
+        let back = DataPlaneConfig::from_yaml(&config_yaml(&plan.config)).unwrap();
+        let chat = &back.tenants[0].redaction;
+        assert!(chat.enabled);
+        assert_eq!(
+            chat.detectors,
+            BTreeMap::from([
+                (Detector::Email, DetectorAction::Hash),
+                (Detector::UsSsn, DetectorAction::Off),
+                (Detector::Ip, DetectorAction::Mask),
+            ])
+        );
+        assert_eq!(chat.rules[0].name, "order");
+        assert_eq!(chat.attributes[0].action, Action::Drop);
+        assert!(!back.tenants[1].redaction.enabled);
+    }
+
+    #[test]
     fn an_invalid_project_is_reported_and_the_others_are_served() {
         let mut bad = project("team-a", "bad", "dev");
         bad.spec.retention = Some("10m".into());
         let mut bad_regex = project("team-a", "regex", "dev");
-        bad_regex.spec.redaction = vec![RedactionRule {
-            name: "email".into(),
-            pattern: "([a-z".into(),
-            attributes: vec![],
-            replacement: "[REDACTED]".into(),
-        }];
+        bad_regex.spec.redaction = Some(RedactionSpec {
+            rules: vec![RedactionRule {
+                name: "contact".into(),
+                pattern: "([a-z".into(),
+                action: Default::default(),
+                replacement: None,
+            }],
+            ..Default::default()
+        });
         let good = project("team-a", "good", "dev");
         let all_keys = BTreeMap::from([
             ("team-a/bad".to_owned(), keys("a")),
@@ -399,7 +495,7 @@ mod tests {
             plan.invalid
         );
         assert!(
-            plan.invalid["team-a/regex"].contains("redaction[0].pattern"),
+            plan.invalid["team-a/regex"].contains("redaction.rules[0].pattern"),
             "{:?}",
             plan.invalid
         );

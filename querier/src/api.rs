@@ -86,8 +86,9 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
             "/api/v2/search/tag/{tag}/values",
             get(|s, h, t, q| tempo_values(s, h, t, q, true)),
         )
-        .route("/api/v1/traces", get(search))
-        .route("/api/v1/traces/{trace_id}", get(trace))
+        .route("/api/v1/traces", get(search).delete(delete_user_traces))
+        .route("/api/v1/traces/{trace_id}", get(trace).delete(delete_trace))
+        .route("/api/v1/deletions", get(list_deletions))
         .route("/api/v1/metrics", get(llm_metrics))
         .route("/api/v1/compare", get(compare))
         .route(
@@ -142,14 +143,22 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
+fn auth_error(e: AuthError) -> ApiError {
+    match e {
+        AuthError::WrongScope { .. } => ApiError(StatusCode::FORBIDDEN, e.to_string()),
+        _ => ApiError(StatusCode::UNAUTHORIZED, e.to_string()),
+    }
+}
+
 impl ApiState {
     fn tenant(&self, headers: &HeaderMap) -> Result<TenantId, ApiError> {
         self.auth
             .authorize(headers, Scope::Query)
-            .map_err(|e| match e {
-                AuthError::WrongScope { .. } => ApiError(StatusCode::FORBIDDEN, e.to_string()),
-                _ => ApiError(StatusCode::UNAUTHORIZED, e.to_string()),
-            })
+            .map_err(auth_error)
+    }
+
+    fn owner(&self, headers: &HeaderMap) -> Result<loupe_core::keys::KeyOwner, ApiError> {
+        self.auth.owner(headers, Scope::Query).map_err(auth_error)
     }
 
     fn observe(&self, endpoint: &'static str, ok: bool, started: Instant) {
@@ -190,6 +199,88 @@ async fn trace(
             format!("trace {trace_id} not found"),
         )),
     }
+}
+
+/// Answers a recorded deletion with 202 Accepted (hidden now, removed from storage
+/// by the next compaction), or 404 when nothing matched.
+fn deletion_answer(
+    record: Option<loupe_core::deletion::DeletionRecord>,
+    missing: String,
+) -> Result<Response, ApiError> {
+    match record {
+        Some(r) => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(crate::deletions::DeletionView::from(&r)),
+        )
+            .into_response()),
+        None => Err(ApiError(StatusCode::NOT_FOUND, missing)),
+    }
+}
+
+async fn delete_trace(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Path(trace_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let owner = state.owner(&headers)?;
+    let id = parse_trace_id(&trace_id).map_err(bad)?;
+    let result = state
+        .engine
+        .delete(
+            &owner.tenant,
+            crate::deletions::DeleteTarget::Trace(id),
+            &owner.name,
+        )
+        .await;
+    state.observe("delete", result.is_ok(), started);
+    deletion_answer(result?, format!("trace {trace_id} not found"))
+}
+
+async fn delete_user_traces(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let owner = state.owner(&headers)?;
+    if let Some(other) = params.keys().find(|k| k.as_str() != "user_id") {
+        return Err(bad(format!(
+            "unknown parameter {other:?}: DELETE /api/v1/traces takes only user_id"
+        )));
+    }
+    let user = params
+        .get("user_id")
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            bad("DELETE /api/v1/traces needs ?user_id=<id>; one trace is DELETE /api/v1/traces/{trace_id}")
+        })?;
+    if user.len() > 1024 {
+        return Err(bad("user_id is longer than 1024 bytes"));
+    }
+    let result = state
+        .engine
+        .delete(
+            &owner.tenant,
+            crate::deletions::DeleteTarget::User(user.to_owned()),
+            &owner.name,
+        )
+        .await;
+    state.observe("delete", result.is_ok(), started);
+    deletion_answer(result?, format!("no trace of user {user:?} found"))
+}
+
+async fn list_deletions(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers)?;
+    let records = state.engine.deletion_requests(&tenant).await?;
+    Ok(axum::Json(crate::deletions::DeletionList {
+        deletions: records.iter().map(Into::into).collect(),
+    })
+    .into_response())
 }
 
 async fn search(

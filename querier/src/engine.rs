@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::catalog::TableProvider;
 use datafusion::common::ScalarValue;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -20,10 +21,10 @@ use datafusion::datasource::listing::{
 };
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::prelude::{SessionConfig, SessionContext};
+use loupe_core::deletion::Deletions;
 use loupe_core::span::{col, span_schema};
-use loupe_core::storage::{BlockMeta, SpanSource, TenantSnapshot};
+use loupe_core::storage::{BlockMeta, SpanSource, TenantSnapshot, rounded_weight as round_weight};
 use loupe_core::{LlmKind, TenantId};
-use object_store::ObjectStore;
 
 use crate::model::{SearchResponse, SpanNode, TraceSummary, TraceTotals, TraceView, ms, rfc3339};
 use crate::prune::TraceIdFilters;
@@ -115,12 +116,14 @@ pub(crate) struct WeightedSpans {
 
 /// A table over Parquet files of the store (an empty table when there are none).
 fn parquet_table<'a>(
+    root: &str,
     paths: impl IntoIterator<Item = &'a str>,
     schema: arrow::datatypes::SchemaRef,
-) -> Result<Arc<dyn datafusion::catalog::TableProvider>, QueryError> {
+    deleted: &HashSet<[u8; 16]>,
+) -> Result<Arc<dyn TableProvider>, QueryError> {
     let urls = paths
         .into_iter()
-        .map(|p| ListingTableUrl::parse(format!("{STORE_URL}{p}")))
+        .map(|p| ListingTableUrl::parse(format!("{STORE_URL}{root}{p}")))
         .collect::<Result<Vec<_>, _>>()?;
     if urls.is_empty() {
         return Ok(Arc::new(MemTable::try_new(schema, vec![vec![]])?));
@@ -130,15 +133,48 @@ fn parquet_table<'a>(
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    without_deleted(Arc::new(ListingTable::try_new(config)?), deleted)
+}
+
+/// An in-memory table (the head) without the rows of deleted traces.
+fn mem_table(
+    schema: arrow::datatypes::SchemaRef,
+    batches: Vec<RecordBatch>,
+    deleted: &HashSet<[u8; 16]>,
+) -> Result<Arc<dyn TableProvider>, QueryError> {
+    without_deleted(Arc::new(MemTable::try_new(schema, vec![batches])?), deleted)
+}
+
+/// `table` without the rows of traces deleted on request (column `trace_id`): a view
+/// whose filter DataFusion pushes into every scan, so each query of the tenant skips
+/// them without knowing about deletions.
+fn without_deleted(
+    table: Arc<dyn TableProvider>,
+    deleted: &HashSet<[u8; 16]>,
+) -> Result<Arc<dyn TableProvider>, QueryError> {
+    use datafusion::logical_expr::{LogicalPlanBuilder, col as column, lit};
+    if deleted.is_empty() {
+        return Ok(table);
+    }
+    let ids = deleted
+        .iter()
+        .map(|id| lit(ScalarValue::FixedSizeBinary(16, Some(id.to_vec()))))
+        .collect();
+    let plan =
+        LogicalPlanBuilder::scan("t", datafusion::datasource::provider_as_source(table), None)?
+            .filter(column(col::TRACE_ID).in_list(ids, true))?
+            .build()?;
+    Ok(Arc::new(datafusion::datasource::ViewTable::new(plan, None)))
 }
 
 /// Registers the `scores` view: the score files of every block that has scores (a
 /// score is about any trace, so no block is left out by time) and the unflushed ones.
 fn register_scores(
+    root: &str,
     ctx: &SessionContext,
     blocks: &[loupe_core::storage::BlockMeta],
     head: Vec<RecordBatch>,
+    deleted: &HashSet<[u8; 16]>,
 ) -> Result<(), QueryError> {
     let schema = loupe_core::score::score_schema();
     let paths: Vec<String> = blocks
@@ -148,12 +184,14 @@ fn register_scores(
         .collect();
     ctx.register_table(
         "score_blocks",
-        parquet_table(paths.iter().map(String::as_str), schema.clone())?,
+        parquet_table(
+            root,
+            paths.iter().map(String::as_str),
+            schema.clone(),
+            deleted,
+        )?,
     )?;
-    ctx.register_table(
-        "score_head",
-        Arc::new(MemTable::try_new(schema, vec![head])?),
-    )?;
+    ctx.register_table("score_head", mem_table(schema, head, deleted)?)?;
     Ok(())
 }
 
@@ -171,31 +209,29 @@ pub(crate) const SCORES: &str = "(SELECT score_id, \
     max(created_ns) AS created_ns \
     FROM (SELECT * FROM score_blocks UNION ALL SELECT * FROM score_head) GROUP BY score_id)";
 
-/// A weight rounded to four significant digits.
-fn round_weight(w: f64) -> f64 {
-    if !w.is_finite() || w <= 1.0 {
-        return 1.0;
-    }
-    let scale = 10f64.powi(3 - w.log10().floor() as i32);
-    (w * scale).round() / scale
-}
-
 /// Runs queries; one per process, shared by every request.
 pub struct QueryEngine {
     source: Arc<dyn SpanSource>,
     runtime: Arc<RuntimeEnv>,
     config: SessionConfig,
-    trace_filters: TraceIdFilters,
+    pub(crate) trace_filters: TraceIdFilters,
     first_round_spans: u64,
+    deletions: Deletions,
+    /// Where deletion requests are recorded; `None` refuses them.
+    deletion_storage: Option<loupe_core::storage::Storage>,
+    /// Put before every block path in table URLs (see `Storage::root_store`).
+    root: String,
 }
 
 impl QueryEngine {
-    pub fn new(source: Arc<dyn SpanSource>, store: Arc<dyn ObjectStore>) -> QueryEngine {
+    pub fn new(source: Arc<dyn SpanSource>, storage: &loupe_core::storage::Storage) -> QueryEngine {
+        let store = storage.object_store();
         let runtime = RuntimeEnvBuilder::new()
             .build_arc()
             .expect("default runtime env builds");
         let url = url::Url::parse(STORE_URL).expect("static url parses");
-        runtime.register_object_store(&url, store.clone());
+        let (root_store, root) = storage.root_store();
+        runtime.register_object_store(&url, root_store);
         let mut config = SessionConfig::new()
             .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()))
             .with_information_schema(false);
@@ -214,7 +250,39 @@ impl QueryEngine {
             config,
             trace_filters: TraceIdFilters::new(store),
             first_round_spans: FIRST_ROUND_SPANS,
+            deletions: Deletions::default(),
+            deletion_storage: None,
+            root: root.to_owned(),
         }
+    }
+
+    /// Hides the traces of these deletion records from every query, and records new
+    /// deletion requests in `storage` (see [`loupe_core::deletion`]).
+    pub fn with_deletions(
+        mut self,
+        deletions: Deletions,
+        storage: loupe_core::storage::Storage,
+    ) -> QueryEngine {
+        self.deletions = deletions;
+        self.deletion_storage = Some(storage);
+        self
+    }
+
+    pub(crate) fn deletion_storage(&self) -> Option<&loupe_core::storage::Storage> {
+        self.deletion_storage.as_ref()
+    }
+
+    /// The deletion records this engine honours.
+    pub fn deletions(&self) -> &Deletions {
+        &self.deletions
+    }
+
+    /// What a query of `tenant` may see now: visible blocks, the head, and the
+    /// traces deleted on request (left out of every table).
+    pub(crate) fn snapshot(&self, tenant: &TenantId) -> TenantSnapshot {
+        let mut snapshot = self.source.snapshot(tenant);
+        snapshot.deleted = self.deletions.of(tenant);
+        snapshot
     }
 
     /// Sets how many spans the first round of a search reads (see [`Self::search`]).
@@ -225,7 +293,7 @@ impl QueryEngine {
 
     /// A session whose `spans` table holds exactly this tenant's visible data (blocks
     /// limited to those that may hold spans starting in `range`, when given).
-    async fn session(
+    pub(crate) async fn session(
         &self,
         snapshot: &TenantSnapshot,
         range: Option<(i64, i64)>,
@@ -237,11 +305,12 @@ impl QueryEngine {
             .iter()
             .filter(|b| range.is_none_or(|(s, e)| b.overlaps(s, e)))
             .map(|b| b.path.as_str());
-        ctx.register_table("blocks", parquet_table(blocks, schema.clone())?)?;
+        let deleted = &snapshot.deleted;
         ctx.register_table(
-            "head",
-            Arc::new(MemTable::try_new(schema, vec![snapshot.head.clone()])?),
+            "blocks",
+            parquet_table(&self.root, blocks, schema.clone(), deleted)?,
         )?;
+        ctx.register_table("head", mem_table(schema, snapshot.head.clone(), deleted)?)?;
         Ok(ctx)
     }
 
@@ -252,15 +321,20 @@ impl QueryEngine {
         tenant: &TenantId,
         range: (i64, i64),
     ) -> Result<SessionContext, QueryError> {
-        self.session(&self.source.snapshot(tenant), Some(range))
-            .await
+        self.session(&self.snapshot(tenant), Some(range)).await
     }
 
     /// A session holding only the tenant's `scores`.
     pub(crate) fn score_session(&self, tenant: &TenantId) -> Result<SessionContext, QueryError> {
-        let snapshot = self.source.snapshot(tenant);
+        let snapshot = self.snapshot(tenant);
         let ctx = SessionContext::new_with_config_rt(self.config.clone(), self.runtime.clone());
-        register_scores(&ctx, &snapshot.blocks, snapshot.head_scores)?;
+        register_scores(
+            &self.root,
+            &ctx,
+            &snapshot.blocks,
+            snapshot.head_scores,
+            &snapshot.deleted,
+        )?;
         Ok(ctx)
     }
 
@@ -275,7 +349,7 @@ impl QueryEngine {
         range: (i64, i64),
         cols: &str,
     ) -> Result<WeightedSpans, QueryError> {
-        let snapshot = self.source.snapshot(tenant);
+        let snapshot = self.snapshot(tenant);
         // Aggregates keep most rows of their range: filtering while decoding (which
         // decodes the filter's columns twice) costs more than it saves.
         let mut config = self.config.clone();
@@ -298,7 +372,10 @@ impl QueryEngine {
         let mut parts = Vec::new();
         for (i, (bits, paths)) in groups.into_iter().enumerate() {
             let name = format!("blocks_{i}");
-            ctx.register_table(&name, parquet_table(paths, schema.clone())?)?;
+            ctx.register_table(
+                &name,
+                parquet_table(&self.root, paths, schema.clone(), &snapshot.deleted)?,
+            )?;
             parts.push((name, f64::from_bits(bits)));
         }
         let head_rows: u64 = snapshot.head.iter().map(|b| b.num_rows() as u64).sum();
@@ -311,7 +388,7 @@ impl QueryEngine {
             ));
             ctx.register_table(
                 "head",
-                Arc::new(MemTable::try_new(schema.clone(), vec![snapshot.head])?),
+                mem_table(schema.clone(), snapshot.head, &snapshot.deleted)?,
             )?;
             parts.push(("head".into(), w));
         }
@@ -338,7 +415,10 @@ impl QueryEngine {
         tenant: &TenantId,
         trace_id: [u8; 16],
     ) -> Result<Option<TraceView>, QueryError> {
-        let mut snapshot = self.source.snapshot(tenant);
+        let mut snapshot = self.snapshot(tenant);
+        if snapshot.deleted.contains(&trace_id) {
+            return Ok(None);
+        }
         // Scores of a trace may be in any block (written long after the trace).
         let score_blocks: Vec<_> = snapshot
             .blocks
@@ -370,7 +450,13 @@ impl QueryEngine {
             return Ok(None);
         }
         let mut view = build_trace(hex(&trace_id), spans);
-        register_scores(&ctx, &score_blocks, snapshot.head_scores)?;
+        register_scores(
+            &self.root,
+            &ctx,
+            &score_blocks,
+            snapshot.head_scores,
+            &snapshot.deleted,
+        )?;
         view.scores = self.trace_scores(&ctx, trace_id).await?;
         Ok(Some(view))
     }
@@ -388,7 +474,7 @@ impl QueryEngine {
             return Err(QueryError::Internal(format!("no span column {column}")));
         }
         let ctx = self
-            .session(&self.source.snapshot(tenant), Some((start_ns, end_ns)))
+            .session(&self.snapshot(tenant), Some((start_ns, end_ns)))
             .await?;
         let sql = format!(
             "SELECT DISTINCT CAST({column} AS VARCHAR) AS v FROM (\
@@ -435,7 +521,7 @@ impl QueryEngine {
             q.start_ns.saturating_sub(TRACE_SLACK_NS),
             q.end_ns.saturating_add(TRACE_SLACK_NS),
         );
-        let snapshot = self.source.snapshot(tenant);
+        let snapshot = self.snapshot(tenant);
         let mut blocks: Vec<&BlockMeta> = snapshot
             .blocks
             .iter()
@@ -516,11 +602,18 @@ impl QueryEngine {
         let round = TenantSnapshot {
             blocks: blocks.iter().map(|b| (*b).clone()).collect(),
             head: snapshot.head.clone(),
+            deleted: snapshot.deleted.clone(),
             ..TenantSnapshot::default()
         };
         let ctx = self.session(&round, None).await?;
         if !q.scores.is_empty() {
-            register_scores(&ctx, &snapshot.blocks, snapshot.head_scores.clone())?;
+            register_scores(
+                &self.root,
+                &ctx,
+                &snapshot.blocks,
+                snapshot.head_scores.clone(),
+                &snapshot.deleted,
+            )?;
         }
         // Traces that cannot match are left out before spans are grouped; when few
         // remain, only their spans are decoded (their ids filter the scan).
@@ -1150,8 +1243,8 @@ mod search_rounds {
         let index = StorageIndex::new(storage.clone());
         index.refresh().await.unwrap();
         let source: Arc<dyn SpanSource> = Arc::new(index);
-        let one_pass = QueryEngine::new(source.clone(), storage.object_store());
-        let rounds = QueryEngine::new(source, storage.object_store()).with_first_round_spans(1);
+        let one_pass = QueryEngine::new(source.clone(), &storage);
+        let rounds = QueryEngine::new(source, &storage).with_first_round_spans(1);
         (one_pass, rounds, tenant, dir)
     }
 

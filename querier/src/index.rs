@@ -70,11 +70,12 @@ impl SpanSource for StorageIndex {
         let prefix = format!("{}/", loupe_core::storage::blocks_prefix(tenant));
         let known = self.blocks.read().expect("index lock");
         // The tenant is checked twice: by the metadata and by where the block lies.
-        let mut blocks: Vec<BlockMeta> = known
+        let blocks: Vec<BlockMeta> = known
             .values()
             .filter(|m| &m.tenant == tenant && m.path.starts_with(&prefix))
             .cloned()
             .collect();
+        let mut blocks = loupe_core::storage::visible(blocks);
         blocks.sort_by(|a, b| a.block_id.cmp(&b.block_id));
         TenantSnapshot {
             blocks,

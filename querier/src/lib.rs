@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod compare;
+pub mod deletions;
 pub mod engine;
 pub mod index;
 pub mod model;

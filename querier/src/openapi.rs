@@ -152,6 +152,30 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
             response: s(g.subschema_for::<TraceView>()),
         },
         Operation {
+            method: "delete",
+            path: "/api/v1/traces/{trace_id}",
+            summary: "Delete a trace: hidden from every query at once, removed from storage by the next compaction (202)",
+            params: vec![],
+            path_params: &["trace_id"],
+            response: s(g.subschema_for::<crate::deletions::DeletionView>()),
+        },
+        Operation {
+            method: "delete",
+            path: "/api/v1/traces",
+            summary: "Delete every trace of a user (?user_id=): hidden at once, removed by the next compaction (202)",
+            params: params(&["user_id"]),
+            path_params: &[],
+            response: s(g.subschema_for::<crate::deletions::DeletionView>()),
+        },
+        Operation {
+            method: "get",
+            path: "/api/v1/deletions",
+            summary: "The project's deletion requests, newest first, pending or completed",
+            params: vec![],
+            path_params: &[],
+            response: s(g.subschema_for::<crate::deletions::DeletionList>()),
+        },
+        Operation {
             method: "get",
             path: "/api/v1/metrics",
             summary: "Requests, errors, latency percentiles, tokens and cost per time bucket and group",
@@ -279,6 +303,15 @@ pub fn document() -> Value {
                 "403": err("The key may not do this (an ingest key reading, a query key writing)"),
             },
         });
+        if op.method == "delete" {
+            let responses = operation["responses"]
+                .as_object_mut()
+                .expect("responses is an object");
+            if let Some(ok) = responses.remove("200") {
+                responses.insert("202".into(), ok);
+            }
+            responses.insert("404".into(), err("Nothing of the project matches"));
+        }
         if op.method == "post" {
             operation["requestBody"] = json!({
                 "required": true,

@@ -4,19 +4,6 @@ use std::process::Command;
 
 use crate::harness::*;
 
-fn loupe_cmd(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_loupe"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "loupe {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 #[tokio::test]
 async fn traces_commands_print_the_tree_and_the_search_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -25,7 +12,7 @@ async fn traces_commands_print_the_tree_and_the_search_table() {
     loupe.grpc_client().await.export(req).await.unwrap();
     let id = hex(&t);
 
-    let tree = loupe_cmd(&["traces", "get", &id, "--url", &loupe.query]);
+    let tree = loupe_ok(&["traces", "get", &id, "--url", &loupe.query]);
     assert!(
         tree.starts_with(&format!("trace {id}  rag.query  (cli-svc)")),
         "{tree}"
@@ -44,7 +31,7 @@ async fn traces_commands_print_the_tree_and_the_search_table() {
         "{llm_line}"
     );
 
-    let table = loupe_cmd(&[
+    let table = loupe_ok(&[
         "traces",
         "search",
         "--url",
@@ -62,7 +49,7 @@ async fn traces_commands_print_the_tree_and_the_search_table() {
     );
     assert!(table.ends_with("1 traces\n"), "{table}");
 
-    let json = loupe_cmd(&[
+    let json = loupe_ok(&[
         "traces",
         "search",
         "--url",
@@ -86,7 +73,7 @@ async fn traces_commands_print_the_tree_and_the_search_table() {
 async fn demo_sends_every_scenario_through_otlp() {
     let dir = tempfile::tempdir().unwrap();
     let loupe = Loupe::start(dir.path(), &[]);
-    let out = loupe_cmd(&[
+    let out = loupe_ok(&[
         "demo",
         "--endpoint",
         &loupe.grpc,
@@ -125,7 +112,7 @@ async fn demo_sends_every_scenario_through_otlp() {
 async fn generate_writes_blocks_that_standalone_serves_whole() {
     let dir = tempfile::tempdir().unwrap();
     let blocks = dir.path().join("blocks");
-    let out = loupe_cmd(&[
+    let out = loupe_ok(&[
         "generate",
         "--storage",
         blocks.to_str().unwrap(),

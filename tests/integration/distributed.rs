@@ -120,6 +120,10 @@ impl Cluster {
     }
 
     pub fn receive(&self) -> Loupe {
+        self.receive_with_env(&[])
+    }
+
+    pub fn receive_with_env(&self, env: &[(&str, &str)]) -> Loupe {
         let mut args = self.ingester_args("receive");
         args.extend(
             [
@@ -135,7 +139,7 @@ impl Cluster {
         Loupe::spawn(
             &args,
             self.dir.path(),
-            &[],
+            env,
             &["otlp-grpc", "otlp-http", "metrics"],
         )
     }

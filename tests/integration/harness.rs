@@ -13,6 +13,27 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use serde_json::Value;
 
+/// Runs `loupe <args>` to completion with extra environment and returns its stdout;
+/// fails the test with its stderr when it fails.
+pub fn loupe_ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loupe {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `loupe <args>` to completion and returns its stdout.
+pub fn loupe_ok(args: &[&str]) -> String {
+    loupe_ok_env(args, &[])
+}
+
 /// A running `loupe` process (standalone or one role).
 pub struct Loupe {
     child: Option<Child>,
