@@ -61,10 +61,22 @@
 //! `mask` sets it to `[REDACTED]`, `hash` to `[HASH:<hex>]` (the same hex a text rule
 //! gives for the same string), `drop` removes it.
 //!
-//! When matches of several rules overlap, custom rules win, then `secrets`, `card`,
-//! `iban`, `us_ssn`, `email`, `ip` and `phone`. Replacement text never contains `"` or
+//! When matches of several rules overlap, custom rules win, then `secrets`, `iban`,
+//! `card`, `us_ssn`, `email`, `ip` and `phone`. Replacement text never contains `"` or
 //! `\`, and a match never starts or ends inside a `\n`-style escape, so JSON text (chat
 //! messages serialized as JSON) stays valid JSON.
+//!
+//! # Speed
+//!
+//! Clean text is the common case: it costs one pass and no allocation. Values shorter
+//! than 20 bytes without a digit, `@` or `:` are skipped outright. Phone numbers,
+//! cards, SSNs, IPv4 addresses and IBANs all contain digits: one scan finds the digit
+//! clusters (testing 32-byte blocks at a time for a digit) and each detector looks
+//! only there. Emails and secrets are found by regexes whose literal prefilters (`@`,
+//! `sk-`, `AKIA`, `Bearer`…) skip clean text. Custom rules go through a `RegexSet`
+//! that tells in one pass which of them can match; only those run their own regex. A
+//! `RegexSet` over the detectors too was measured 5-10 times slower on clean text:
+//! their union has no literal prefix, so it runs the lazy DFA on every byte.
 //!
 //! # Rule names and counts
 //!
@@ -99,7 +111,7 @@ pub const MAX_RULES: usize = 100;
 pub const MAX_ATTRIBUTE_RULES: usize = 1000;
 /// Bound on one compiled custom pattern.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
-/// Bound on the prefilter compiled from all active patterns together.
+/// Bound on the prefilter compiled from all custom patterns together.
 const SET_SIZE_LIMIT: usize = 16 << 20;
 const MAX_REPLACEMENT_BYTES: usize = 128;
 const MAX_NAME_BYTES: usize = 64;
@@ -215,8 +227,9 @@ impl Detector {
     fn rank(self) -> u8 {
         match self {
             Detector::Secrets => 0,
-            Detector::Card => 1,
-            Detector::Iban => 2,
+            // Before cards: 16 digits of an IBAN may pass the Luhn check.
+            Detector::Iban => 1,
+            Detector::Card => 2,
             Detector::UsSsn => 3,
             Detector::Email => 4,
             Detector::Ip => 5,
@@ -294,8 +307,8 @@ pub fn project_hash_key(master: &[u8], tenant: &TenantId) -> [u8; 32] {
 struct TextRule {
     /// Index into the counts and [`Redactor::rule_names`].
     label: usize,
-    detector: Option<Detector>,
-    regex: Regex,
+    /// A custom rule's pattern; detectors find their matches in code.
+    regex: Option<Regex>,
     action: Action,
     /// What `mask` writes.
     token: Box<str>,
@@ -324,7 +337,11 @@ pub struct Redactor {
     names: Vec<String>,
     /// Custom rules first, then detectors by rank: the index is the overlap rank.
     rules: Vec<TextRule>,
-    /// One pattern per entry of `rules`: tells in one pass which rules may match.
+    /// How many of `rules` are custom rules.
+    customs: usize,
+    /// The index in `rules` of each active detector, indexed like [`Detector::ALL`].
+    by_detector: [Option<usize>; 7],
+    /// One pattern per custom rule: tells in one pass which custom rules may match.
     prefilter: RegexSet,
     /// Texts shorter than this cannot match any rule.
     min_len: usize,
@@ -341,69 +358,46 @@ impl fmt::Debug for Redactor {
     }
 }
 
-/// A built-in detector's patterns: `find` finds candidates that code then checks;
-/// `prefilter` is a cheaper pattern matching at least wherever a valid match is.
-struct Builtin {
-    find: &'static str,
-    prefilter: &'static str,
-    /// The shortest text a valid match can be.
-    min_len: usize,
-}
-
-fn builtin(d: Detector) -> Builtin {
+/// Shortest text a valid match of the detector can be.
+fn min_len_of(d: Detector) -> usize {
     match d {
-        Detector::Email => Builtin {
-            find: r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+",
-            prefilter: r"[A-Za-z0-9._%+\-]@[A-Za-z0-9\-]+\.[A-Za-z]",
-            min_len: 6,
-        },
-        Detector::Phone => Builtin {
-            find: r"\+[0-9]+(?:(?:\)[ .\-]?|[ .\-]\(?)[0-9]+)*|\(?[0-9]+(?:(?:\)[ .\-]?|[ .\-]\(?)[0-9]+)+",
-            prefilter: r"\+[0-9]|[0-9]{2}(?:[ .\-]|\) ?)\(?[0-9]{2}",
-            min_len: 9,
-        },
-        Detector::Card => Builtin {
-            find: r"[0-9]+(?:[ \-][0-9]+)*",
-            prefilter: r"[0-9]{4}[ \-]?[0-9]{4}",
-            min_len: 13,
-        },
-        Detector::Iban => Builtin {
-            find: r"[A-Z]{2}[0-9]{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{1,4})+)",
-            prefilter: r"[A-Z]{2}[0-9]{2} ?[A-Z0-9]{4}",
-            min_len: 15,
-        },
-        Detector::UsSsn => Builtin {
-            find: r"[0-9]{3}-[0-9]{2}-[0-9]{4}",
-            prefilter: r"[0-9]{3}-[0-9]{2}-[0-9]{4}",
-            min_len: 11,
-        },
-        Detector::Ip => Builtin {
-            find: r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:(?:\.[0-9]{1,3}){3})?|[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}",
-            prefilter: r"[0-9]\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]|[0-9A-Fa-f]?:[0-9A-Fa-f]{0,4}:",
-            min_len: 7,
-        },
-        Detector::Secrets => Builtin {
-            find: concat!(
-                r#"-----BEGIN[A-Z ]{0,40} PRIVATE KEY-----[^"]*?-----END[A-Z ]{0,40} PRIVATE KEY-----"#,
-                r"|sk-[A-Za-z0-9_\-]{20,}",
-                r"|A[KS]IA[A-Z0-9]{16}",
-                r"|gh[pousr]_[A-Za-z0-9]{36,}",
-                r"|github_pat_[A-Za-z0-9_]{22,}",
-                r"|(?i:bearer) +[A-Za-z0-9\-._~+/]{16,}=*",
-                r"|eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*",
-            ),
-            prefilter: r"sk-[A-Za-z0-9_\-]{20}|A[KS]IA[A-Z0-9]{16}|gh[pousr]_|github_pat_|(?i:bearer) +[A-Za-z0-9\-._~+/]{16}|eyJ[A-Za-z0-9_\-]{4,}\.eyJ|-----BEGIN",
-            min_len: 20,
-        },
+        Detector::Email => 6,
+        Detector::Phone => 9,
+        Detector::Card => 13,
+        Detector::Iban => 15,
+        Detector::UsSsn => 11,
+        Detector::Ip => 7,
+        Detector::Secrets => 20,
     }
 }
 
-/// The detectors' `find` patterns, compiled once per process.
-static BUILTIN_REGEXES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
-    Detector::ALL
-        .iter()
-        .map(|&d| Regex::new(builtin(d).find).expect("built-in pattern compiles"))
-        .collect()
+// Candidates of the detectors found with a regex (the others are found in digit
+// clusters, see `numeric_clusters`); every candidate is then checked in code.
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
+        .expect("built-in pattern compiles")
+});
+static IPV6: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:(?:\.[0-9]{1,3}){3})?")
+        .expect("built-in pattern compiles")
+});
+static SECRETS: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(concat!(
+        r#"-----BEGIN[A-Z ]{0,40} PRIVATE KEY-----[^"]*?-----END[A-Z ]{0,40} PRIVATE KEY-----"#,
+        r"|sk-[A-Za-z0-9_\-]{20,}",
+        r"|A[KS]IA[A-Z0-9]{16}",
+        r"|gh[pousr]_[A-Za-z0-9]{36,}",
+        r"|github_pat_[A-Za-z0-9_]{22,}",
+        r"|(?i:bearer) +[A-Za-z0-9\-._~+/]{16,}=*",
+        r"|eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*",
+    ))
+    .expect("built-in pattern compiles")
+});
+
+/// Literals of which every secret has one: the secrets detector's prefilter.
+static SECRETS_GATE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"sk-|A[KS]IA|gh[pousr]_|github_pat_|(?i:bearer)|eyJ|-----BEGIN")
+        .expect("built-in pattern compiles")
 });
 
 const HASH_KEY_MISSING: &str = "hash needs a redaction key (LOUPE_REDACTION_KEY)";
@@ -513,8 +507,7 @@ impl Redactor {
             let upper = name.to_ascii_uppercase();
             rules.push(TextRule {
                 label: names.len(),
-                detector: None,
-                regex,
+                regex: Some(regex),
                 action: rule.action,
                 token: rule
                     .replacement
@@ -529,6 +522,7 @@ impl Redactor {
             names.push(name.clone());
         }
 
+        let mut by_detector = [None; Detector::ALL.len()];
         let mut detectors: Vec<Detector> = Detector::ALL.to_vec();
         detectors.sort_by_key(|d| d.rank());
         for d in detectors {
@@ -546,17 +540,15 @@ impl Redactor {
             check_key(action, format!("{field}.detectors.{d}"))?;
             let index = Detector::ALL.iter().position(|x| *x == d).expect("listed");
             let token = d.token();
-            let b = builtin(d);
+            by_detector[index] = Some(rules.len());
             rules.push(TextRule {
                 label: index,
-                detector: Some(d),
-                regex: BUILTIN_REGEXES[index].clone(),
+                regex: None,
                 action,
                 token: token.into(),
                 hash_prefix: format!("{}:", &token[..token.len() - 1]).into(),
             });
-            prefilters.push(b.prefilter.to_owned());
-            min_len = min_len.min(b.min_len);
+            min_len = min_len.min(min_len_of(d));
         }
 
         if config.attributes.len() > MAX_ATTRIBUTE_RULES {
@@ -589,6 +581,7 @@ impl Redactor {
             names.push(format!("attribute:{}", rule.key));
         }
 
+        let customs = config.rules.len();
         let prefilter = RegexSetBuilder::new(&prefilters)
             .size_limit(SET_SIZE_LIMIT)
             .build()
@@ -602,6 +595,8 @@ impl Redactor {
         Ok(Redactor {
             names,
             rules,
+            customs,
+            by_detector,
             prefilter,
             min_len,
             attributes,
@@ -777,12 +772,17 @@ impl Redactor {
     /// Finds and replaces every match in `text`. Counts are added only for what is
     /// replaced (or, on `Drop`, once for the dropping rule).
     fn scan(&self, text: &str, allow_drop: bool, counts: &mut [u64]) -> Outcome {
-        if text.len() < self.min_len || !self.prefilter.is_match(text) {
+        if text.len() < self.min_len {
             return Outcome::Clean;
         }
         let mut hits: Vec<Hit> = Vec::new();
-        for k in self.prefilter.matches(text).iter() {
-            self.find(k, text, &mut hits);
+        if self.customs > 0 && self.prefilter.is_match(text) {
+            for k in self.prefilter.matches(text).iter() {
+                self.find(k, text, &mut hits);
+            }
+        }
+        if self.customs < self.rules.len() {
+            self.find_detected(text, &mut hits);
         }
         if hits.is_empty() {
             return Outcome::Clean;
@@ -834,12 +834,14 @@ impl Redactor {
         Outcome::Replaced(out, hits.len() as u64)
     }
 
-    /// Pushes the valid matches of text rule `k` in `text`.
+    /// Pushes the matches of custom rule `k` in `text`.
     fn find(&self, k: usize, text: &str, hits: &mut Vec<Hit>) {
-        let rule = &self.rules[k];
+        let Some(regex) = &self.rules[k].regex else {
+            return;
+        };
         let hay = text.as_bytes();
-        let mut push = |start: usize, end: usize| {
-            let (start, end) = outside_escapes(hay, start, end);
+        for m in regex.find_iter(text) {
+            let (start, end) = outside_escapes(hay, m.start(), m.end());
             if start < end {
                 hits.push(Hit {
                     start,
@@ -847,37 +849,101 @@ impl Redactor {
                     rule: k,
                 });
             }
+        }
+    }
+
+    /// Pushes the matches of the active detectors in `text`. Phone numbers, cards,
+    /// SSNs, IPv4 addresses and IBANs are looked for in one scan of the digit clusters
+    /// (which skips digit-free text in vectorized blocks); emails and secrets by
+    /// regexes with literal prefilters (`@`, `sk-`…), IPv6 addresses only in text
+    /// with two colons.
+    fn find_detected(&self, text: &str, hits: &mut Vec<Hit>) {
+        let hay = text.as_bytes();
+        // Most attribute values are short words (`openai`, `LLM`, a user id): without
+        // digits, `@` or `:` only a secret could match, and secrets are longer.
+        if hay.len() < 20
+            && hay
+                .iter()
+                .all(|&b| b.wrapping_sub(b'0') >= 10 && b != b'@' && b != b':')
+        {
+            return;
+        }
+        let rule = |d: Detector| self.by_detector[d as usize];
+        let mut push = |rule: usize, start: usize, end: usize| {
+            let (start, end) = outside_escapes(hay, start, end);
+            if start < end {
+                hits.push(Hit { start, end, rule });
+            }
         };
-        for m in rule.regex.find_iter(text) {
-            let (s, e) = (m.start(), m.end());
-            match rule.detector {
-                None => push(s, e),
-                Some(Detector::Email) => {
-                    if let Some(s) = email(hay, s, e) {
-                        push(s, e);
-                    }
+        let (phone, card, ssn) = (
+            rule(Detector::Phone),
+            rule(Detector::Card),
+            rule(Detector::UsSsn),
+        );
+        let (ip, iban) = (rule(Detector::Ip), rule(Detector::Iban));
+        if phone.is_some() || card.is_some() || ssn.is_some() || ip.is_some() || iban.is_some() {
+            numeric_clusters(hay, |cs, first, ce, digits| {
+                if let Some(k) = phone
+                    && digits >= 8
+                {
+                    phones(hay, cs, ce, &mut |s, e| push(k, s, e));
                 }
-                Some(Detector::Phone) => phones(hay, s, e, &mut push),
-                Some(Detector::Card) => cards(hay, s, e, &mut push),
-                Some(Detector::Iban) => {
-                    if let Some(e) = iban(hay, s, e) {
-                        push(s, e);
-                    }
+                if let Some(k) = card
+                    && digits >= 13
+                {
+                    cards(hay, cs, ce, &mut |s, e| push(k, s, e));
                 }
-                Some(Detector::UsSsn) => {
-                    if us_ssn(hay, s, e) {
-                        push(s, e);
-                    }
+                let seps = &hay[first..ce];
+                if let Some(k) = ssn
+                    && digits >= 9
+                    && seps.contains(&b'-')
+                {
+                    ssns(hay, cs, ce, &mut |s, e| push(k, s, e));
                 }
-                Some(Detector::Ip) => {
-                    if ip(text, s, e) {
-                        push(s, e);
-                    }
+                if let Some(k) = ip
+                    && digits >= 4
+                    && seps.contains(&b'.')
+                {
+                    ipv4s(text, cs, ce, &mut |s, e| push(k, s, e));
                 }
-                Some(Detector::Secrets) => {
-                    if secret(hay, s, e) {
-                        push(s, e);
-                    }
+                // The check digits of an IBAN follow its two-letter country code.
+                if let Some(k) = iban
+                    && first >= 2
+                    && hay[first - 2].is_ascii_uppercase()
+                    && hay[first - 1].is_ascii_uppercase()
+                    && byte(hay, first + 1).is_ascii_digit()
+                    && let Some(end) = iban_at(hay, first - 2)
+                {
+                    push(k, first - 2, end);
+                }
+            });
+        }
+        // `str::contains(char)` is a memchr: cheaper than a regex call on short text.
+        if let Some(k) = rule(Detector::Email)
+            && text.contains('@')
+        {
+            for m in EMAIL.find_iter(text) {
+                if let Some(s) = email(hay, m.start(), m.end()) {
+                    push(k, s, m.end());
+                }
+            }
+        }
+        if let Some(k) = ip
+            && hay.iter().fold(0usize, |n, &b| n + usize::from(b == b':')) >= 2
+        {
+            for m in IPV6.find_iter(text) {
+                if self::ip(text, m.start(), m.end()) {
+                    push(k, m.start(), m.end());
+                }
+            }
+        }
+        if let Some(k) = rule(Detector::Secrets)
+            && text.len() >= 20
+            && SECRETS_GATE.is_match(text)
+        {
+            for m in SECRETS.find_iter(text) {
+                if secret(hay, m.start(), m.end()) {
+                    push(k, m.start(), m.end());
                 }
             }
         }
@@ -1153,47 +1219,171 @@ fn phone_ok(p: &[u8]) -> bool {
         && groups[1].2 != 0
 }
 
-/// Emits the card numbers in a candidate (digit groups separated by one space or dash).
-fn cards(hay: &[u8], cs: usize, ce: usize, emit: &mut impl FnMut(usize, usize)) {
-    if hay[cs..ce].iter().filter(|b| b.is_ascii_digit()).count() < 13 {
-        return;
+/// The position of the first ASCII digit at or after `from`.
+fn next_digit(hay: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    // Whole blocks are tested without an early exit, which vectorizes.
+    while i + 32 <= hay.len() {
+        let block = &hay[i..i + 32];
+        if block
+            .iter()
+            .fold(false, |any, b| any | (b.wrapping_sub(b'0') < 10))
+        {
+            break;
+        }
+        i += 32;
     }
+    hay[i..].iter().position(u8::is_ascii_digit).map(|k| i + k)
+}
+
+/// Calls `f(start, first_digit, end, digits)` for each digit cluster: runs of digits joined by
+/// one of ` `, `.`, `-`, maybe with a parenthesis (`(415) 555-2671`, `2024-01-15`,
+/// `4111 1111 1111 1111`, `10.0.0.1`), with a `+` or `(` just before it. Phone
+/// numbers, cards, SSNs and IPv4 addresses are all looked for in clusters.
+fn numeric_clusters(hay: &[u8], mut f: impl FnMut(usize, usize, usize, usize)) {
+    let is_digit = |i: usize| byte(hay, i).is_ascii_digit();
+    let mut i = 0;
+    while let Some(first) = next_digit(hay, i) {
+        let mut start = first;
+        if start > 0 && matches!(hay[start - 1], b'+' | b'(') {
+            start -= 1;
+        }
+        let (mut j, mut digits) = (first, 0);
+        loop {
+            let run = hay[j..].iter().take_while(|b| b.is_ascii_digit()).count();
+            digits += run;
+            j += run;
+            let sep = match (byte(hay, j), byte(hay, j + 1)) {
+                (b')', b' ' | b'.' | b'-') if is_digit(j + 2) => 2,
+                (b')', _) if is_digit(j + 1) => 1,
+                (b' ' | b'.' | b'-', b'(') if is_digit(j + 2) => 2,
+                (b' ' | b'.' | b'-', _) if is_digit(j + 1) => 1,
+                _ => 0,
+            };
+            if sep == 0 {
+                break;
+            }
+            j += sep;
+        }
+        f(start, first, j, digits);
+        i = j;
+    }
+}
+
+/// The digit runs of `[s, e)`, as `(start, end)`.
+fn digit_groups(hay: &[u8], s: usize, e: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = s;
+    std::iter::from_fn(move || {
+        while i < e && !hay[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i >= e {
+            return None;
+        }
+        let start = i;
+        while i < e && hay[i].is_ascii_digit() {
+            i += 1;
+        }
+        Some((start, i))
+    })
+}
+
+/// Emits the card numbers in a digit cluster.
+fn cards(hay: &[u8], cs: usize, ce: usize, emit: &mut impl FnMut(usize, usize)) {
     let alone = |s: usize, e: usize| {
-        let glued_before =
-            s == cs && (word_before(hay, s) || (s > 0 && matches!(hay[s - 1], b'.' | b',')));
-        let glued_after = e == ce
-            && (word_after(hay, e)
-                || (matches!(byte(hay, e), b'.' | b',') && byte(hay, e + 1).is_ascii_digit()));
+        let glued_before = word_before(hay, s) || (s > 0 && matches!(hay[s - 1], b'.' | b','));
+        let glued_after = word_after(hay, e)
+            || (matches!(byte(hay, e), b'.' | b',') && byte(hay, e + 1).is_ascii_digit());
         !glued_before && !glued_after
     };
-    // Groups are split at any separator, so a dash-grouped number is one part: split
-    // at spaces and dashes alike by scanning parts ourselves.
-    let mut s = cs;
-    while s < ce {
-        // Ends of up to 7 groups from s.
-        let mut ends = [0usize; 7];
-        let mut n = 0;
-        let mut p = s;
-        while n < ends.len() && p < ce {
-            let end = hay[p..ce]
-                .iter()
-                .position(|&b| !b.is_ascii_digit())
-                .map_or(ce, |k| p + k);
-            ends[n] = end;
-            n += 1;
-            p = end + 1;
+    let mut from = cs;
+    for (s, _) in digit_groups(hay, cs, ce) {
+        if s < from {
+            continue;
         }
-        let found = ends[..n]
-            .iter()
+        // A card is at most 7 groups (4-4-4-4-3, 4-6-5, or one run of digits).
+        let found = digit_groups(hay, s, ce)
+            .take(7)
+            .map(|(_, e)| e)
+            .collect::<ArrayVec7>()
             .rev()
-            .copied()
             .find(|&e| alone(s, e) && card_ok(&hay[s..e]));
-        match found {
-            Some(e) => {
-                emit(s, e);
-                s = e + 1;
+        if let Some(e) = found {
+            emit(s, e);
+            from = e;
+        }
+    }
+}
+
+/// Up to seven positions, without allocating.
+struct ArrayVec7 {
+    items: [usize; 7],
+    len: usize,
+}
+
+impl FromIterator<usize> for ArrayVec7 {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
+        let mut v = ArrayVec7 {
+            items: [0; 7],
+            len: 0,
+        };
+        for x in iter.into_iter().take(7) {
+            v.items[v.len] = x;
+            v.len += 1;
+        }
+        v
+    }
+}
+
+impl ArrayVec7 {
+    fn rev(self) -> impl Iterator<Item = usize> {
+        let ArrayVec7 { items, len } = self;
+        items.into_iter().take(len).rev()
+    }
+}
+
+/// Emits the US SSNs (`AAA-GG-SSSS`) in a digit cluster.
+fn ssns(hay: &[u8], cs: usize, ce: usize, emit: &mut impl FnMut(usize, usize)) {
+    let mut groups = digit_groups(hay, cs, ce);
+    let (Some(mut a), Some(mut b)) = (groups.next(), groups.next()) else {
+        return;
+    };
+    for c in groups {
+        let joined = |x: (usize, usize), y: (usize, usize)| y.0 == x.1 + 1 && hay[x.1] == b'-';
+        if a.1 - a.0 == 3
+            && b.1 - b.0 == 2
+            && c.1 - c.0 == 4
+            && joined(a, b)
+            && joined(b, c)
+            && us_ssn(hay, a.0, c.1)
+        {
+            emit(a.0, c.1);
+        }
+        (a, b) = (b, c);
+    }
+}
+
+/// Emits the IPv4 addresses in a digit cluster.
+fn ipv4s(text: &str, cs: usize, ce: usize, emit: &mut impl FnMut(usize, usize)) {
+    let hay = text.as_bytes();
+    let mut from = cs;
+    for (s, _) in digit_groups(hay, cs, ce) {
+        if s < from {
+            continue;
+        }
+        // Four runs of 1-3 digits joined by single dots.
+        let mut end = s;
+        let mut n = 0;
+        for (gs, ge) in digit_groups(hay, s, ce).take(4) {
+            if ge - gs > 3 || (n > 0 && (gs != end + 1 || hay[end] != b'.')) {
+                break;
             }
-            None => s = ends[0] + 1,
+            end = ge;
+            n += 1;
+        }
+        if n == 4 && ip(text, s, end) {
+            emit(s, end);
+            from = end;
         }
     }
 }
@@ -1207,7 +1397,7 @@ fn card_ok(c: &[u8]) -> bool {
     }
     let sep = c.iter().find(|b| !b.is_ascii_digit()).copied();
     if let Some(sep) = sep {
-        if c.iter().any(|&b| !b.is_ascii_digit() && b != sep) {
+        if !matches!(sep, b' ' | b'-') || c.iter().any(|&b| !b.is_ascii_digit() && b != sep) {
             return false;
         }
         // 4111 1111 1111 1111, 3782 822463 10005, 4222 2222 2222 2.
@@ -1245,6 +1435,27 @@ fn luhn(digits: impl DoubleEndedIterator<Item = u8>) -> bool {
         })
         .sum();
     sum.is_multiple_of(10)
+}
+
+/// The end of a valid IBAN at `i`, where two capitals and two digits are: then
+/// 11-30 capitals and digits, or groups of up to 4 of them after single spaces.
+fn iban_at(hay: &[u8], i: usize) -> Option<usize> {
+    let alnum = |b: &u8| b.is_ascii_uppercase() || b.is_ascii_digit();
+    let run = hay[i + 4..].iter().take_while(|b| alnum(b)).count();
+    let e = if run >= 11 {
+        i + 4 + run.min(30)
+    } else {
+        let mut p = i + 4;
+        while byte(hay, p) == b' ' {
+            let group = hay[p + 1..].iter().take(4).take_while(|b| alnum(b)).count();
+            if group == 0 {
+                break;
+            }
+            p += 1 + group;
+        }
+        p
+    };
+    if e == i + 4 { None } else { iban(hay, i, e) }
 }
 
 /// The end of a valid IBAN starting at candidate `[s, e)`, compact or in groups of 4.
@@ -1575,6 +1786,8 @@ mod tests {
             ),
             ("GB82 WEST 1234 5698 7654 32", "[IBAN]"),
             ("BE68 5390 0754 7034 THEN", "[IBAN] THEN"),
+            // Its first 16 digits after the check digits pass the Luhn check.
+            ("DE04 4514 0604 5246 1416 38", "[IBAN]"),
         ] {
             assert_eq!(masked(&r, text), want, "{text}");
         }
