@@ -155,38 +155,32 @@ async fn call(
     Ok(body)
 }
 
+/// Prints the API's JSON with `--json`, else the response rendered for a terminal.
+fn show<T: serde::de::DeserializeOwned>(
+    json: bool,
+    body: &str,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{body}");
+    } else {
+        let value: T = serde_json::from_str(body).context("unexpected response")?;
+        print!("{}", render(&value));
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let base = args.url.trim_end_matches('/');
+    let key = args.key.as_deref();
     match &args.command {
         TracesCommand::Get { trace_id } => {
-            let body = get_json(
-                &format!("{base}/api/v1/traces/{trace_id}"),
-                args.key.as_deref(),
-                &[],
-            )
-            .await?;
-            if args.json {
-                println!("{body}");
-            } else {
-                let trace: TraceView =
-                    serde_json::from_str(&body).context("unexpected response")?;
-                print!("{}", render_trace(&trace));
-            }
+            let body = get_json(&format!("{base}/api/v1/traces/{trace_id}"), key, &[]).await?;
+            show(args.json, &body, render_trace)
         }
         TracesCommand::Search(search) => {
-            let body = get_json(
-                &format!("{base}/api/v1/traces"),
-                args.key.as_deref(),
-                &search.params(),
-            )
-            .await?;
-            if args.json {
-                println!("{body}");
-            } else {
-                let result: SearchResponse =
-                    serde_json::from_str(&body).context("unexpected response")?;
-                print!("{}", render_search(&result));
-            }
+            let body = get_json(&format!("{base}/api/v1/traces"), key, &search.params()).await?;
+            show(args.json, &body, render_search)
         }
         TracesCommand::Delete { trace_id, user } => {
             let (url, query) = match (trace_id, user) {
@@ -197,35 +191,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 ),
                 (None, None) => bail!("name a trace id or --user"),
             };
-            let body = call(reqwest::Method::DELETE, &url, args.key.as_deref(), &query).await?;
-            if args.json {
-                println!("{body}");
-            } else {
-                let d: DeletionView = serde_json::from_str(&body).context("unexpected response")?;
-                println!(
+            let body = call(reqwest::Method::DELETE, &url, key, &query).await?;
+            show(args.json, &body, |d: &DeletionView| {
+                format!(
                     "deletion {} recorded: {} trace(s) hidden from every query now; \
-                     the compactor removes them from storage (see `loupe traces deletions`)",
+                     the compactor removes them from storage (see `loupe traces deletions`)\n",
                     d.id, d.traces
-                );
-            }
+                )
+            })
         }
         TracesCommand::Deletions => {
-            let body = get_json(
-                &format!("{base}/api/v1/deletions"),
-                args.key.as_deref(),
-                &[],
-            )
-            .await?;
-            if args.json {
-                println!("{body}");
-            } else {
-                let list: DeletionList =
-                    serde_json::from_str(&body).context("unexpected response")?;
-                print!("{}", render_deletions(&list));
-            }
+            let body = get_json(&format!("{base}/api/v1/deletions"), key, &[]).await?;
+            show(args.json, &body, render_deletions)
         }
     }
-    Ok(())
 }
 
 fn render_deletions(list: &DeletionList) -> String {

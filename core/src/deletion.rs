@@ -100,11 +100,23 @@ pub async fn list_tenant(
 }
 
 async fn list_under(storage: &Storage, prefix: &str) -> Result<Vec<DeletionRecord>, StorageError> {
+    let paths = record_paths(storage, prefix).await?;
+    read_records(storage, paths).await
+}
+
+async fn record_paths(storage: &Storage, prefix: &str) -> Result<Vec<String>, StorageError> {
+    let mut paths = storage.list_paths(prefix).await?;
+    paths.retain(|p| p.ends_with(".json"));
+    Ok(paths)
+}
+
+/// Reads records (one that vanished since the listing is skipped).
+async fn read_records(
+    storage: &Storage,
+    paths: impl IntoIterator<Item = String>,
+) -> Result<Vec<DeletionRecord>, StorageError> {
     let mut out = Vec::new();
-    for path in storage.list_paths(prefix).await? {
-        if !path.ends_with(".json") {
-            continue;
-        }
+    for path in paths {
         let bytes = match storage.get(&path).await {
             Ok(b) => b,
             Err(StorageError::Store(object_store::Error::NotFound { .. })) => continue,
@@ -139,6 +151,8 @@ pub struct Deletions {
 struct DeletionsInner {
     /// Record ids already folded in.
     seen: HashSet<String>,
+    /// Record objects already read (a record's path never changes).
+    read: HashSet<String>,
     traces: HashMap<TenantId, Arc<HashSet<[u8; 16]>>>,
 }
 
@@ -157,21 +171,45 @@ impl Deletions {
     /// Folds records in (records already known are skipped).
     pub fn add(&self, records: &[DeletionRecord]) {
         let mut inner = self.inner.write().expect("deletions lock");
+        // Each tenant's set is copied once per call (queries hold the old one).
+        let mut grown: HashMap<TenantId, HashSet<[u8; 16]>> = HashMap::new();
         for r in records {
             if !inner.seen.insert(r.id.clone()) {
                 continue;
             }
-            let set = inner.traces.entry(r.tenant.clone()).or_default();
-            let mut next = (**set).clone();
-            next.extend(r.trace_id_bytes());
-            *set = Arc::new(next);
+            grown
+                .entry(r.tenant.clone())
+                .or_insert_with(|| {
+                    inner
+                        .traces
+                        .get(&r.tenant)
+                        .map(|s| (**s).clone())
+                        .unwrap_or_default()
+                })
+                .extend(r.trace_id_bytes());
+        }
+        for (tenant, set) in grown {
+            inner.traces.insert(tenant, Arc::new(set));
         }
     }
 
-    /// Reads every record from storage and folds in the new ones.
+    /// Lists the records in storage and reads and folds in those not read before.
     pub async fn refresh(&self, storage: &Storage) -> Result<(), StorageError> {
-        let records = list(storage).await?;
+        let mut paths = record_paths(storage, "deletions").await?;
+        {
+            let inner = self.inner.read().expect("deletions lock");
+            paths.retain(|p| !inner.read.contains(p));
+        }
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let records = read_records(storage, paths.clone()).await?;
         self.add(&records);
+        self.inner
+            .write()
+            .expect("deletions lock")
+            .read
+            .extend(paths);
         Ok(())
     }
 

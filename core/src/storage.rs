@@ -132,21 +132,16 @@ impl BlockMeta {
 /// A compacted block and the blocks it replaces are never both visible, whatever
 /// moment a listing was taken at.
 pub fn visible(blocks: Vec<BlockMeta>) -> Vec<BlockMeta> {
-    let replaced: std::collections::HashSet<&str> = blocks
+    let replaced: std::collections::HashSet<String> = blocks
         .iter()
-        .flat_map(|b| b.replaces().iter().map(String::as_str))
+        .flat_map(|b| b.replaces().iter().cloned())
         .collect();
     if replaced.is_empty() {
         return blocks;
     }
-    let hidden: std::collections::HashSet<String> = blocks
-        .iter()
-        .filter(|b| replaced.contains(b.block_id.as_str()))
-        .map(|b| b.block_id.clone())
-        .collect();
     blocks
         .into_iter()
-        .filter(|b| !hidden.contains(&b.block_id))
+        .filter(|b| !replaced.contains(&b.block_id))
         .collect()
 }
 
@@ -414,14 +409,17 @@ impl Storage {
 
     /// Paths of every block metadata object under `tenants/`.
     pub async fn list_meta_paths(&self) -> Result<Vec<String>, StorageError> {
-        use futures::TryStreamExt;
-        let prefix = object_store::path::Path::from("tenants");
-        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
-        Ok(objects
-            .into_iter()
-            .map(|o| o.location.to_string())
-            .filter(|p| p.ends_with(".meta.json"))
-            .collect())
+        let mut paths = self.list_paths("tenants").await?;
+        paths.retain(|p| p.ends_with(".meta.json"));
+        Ok(paths)
+    }
+
+    /// Writes a block's metadata, durably: the last write of a block, which makes it
+    /// visible.
+    pub async fn put_meta(&self, meta: &BlockMeta) -> Result<(), StorageError> {
+        let json = serde_json::to_vec_pretty(meta).expect("block metadata serializes");
+        self.put_durable(&meta.meta_path(), bytes::Bytes::from(json))
+            .await
     }
 
     /// Reads one block's metadata.

@@ -241,10 +241,7 @@ pub async fn write(
         scores: job.scores.len() as u64,
         compaction: None,
     };
-    let json = serde_json::to_vec_pretty(&meta).expect("block metadata serializes");
-    storage
-        .put_durable(&meta.meta_path(), Bytes::from(json))
-        .await?;
+    storage.put_meta(&meta).await?;
     Ok(meta)
 }
 

@@ -414,11 +414,14 @@ impl Compactor {
         let present: HashSet<&str> = blocks.iter().map(|b| b.block_id.as_str()).collect();
         let settled = |b: &BlockMeta| b.replaces().iter().all(|id| !present.contains(id.as_str()));
         let visible = storage::visible(blocks.clone());
+        let visible_ids: HashSet<&str> = visible.iter().map(|b| b.block_id.as_str()).collect();
         let deleted: HashSet<[u8; 16]> = records.iter().flat_map(|r| r.trace_id_bytes()).collect();
 
         // 3. Deletion requests: rewrite visible blocks holding deleted traces; a
         // request is complete once no block (visible or replaced) holds any.
         let mut rewritten: HashSet<String> = HashSet::new();
+        // Trace ids of the blocks looked into, read once per pass for all requests.
+        let mut trace_ids: HashMap<String, HashSet<[u8; 16]>> = HashMap::new();
         for record in records.iter_mut().filter(|r| r.completed_ns.is_none()) {
             let ids: HashSet<[u8; 16]> = record.trace_id_bytes().collect();
             let (lo, hi) = match (record.min_start_ns, record.max_start_ns) {
@@ -428,20 +431,27 @@ impl Compactor {
             // Spans of a trace arriving late may start a little outside the range
             // known at request time.
             let slack = 3_600_000_000_000;
-            let mut holding = 0u64;
+            let (mut holding, mut rewrote) = (0u64, false);
             for b in blocks.iter().filter(|b| {
                 b.spans > 0
                     && b.max_start_ns >= lo.saturating_sub(slack)
                     && b.min_start_ns <= hi.saturating_add(slack)
             }) {
-                if self.holds_any(b, &ids).await? {
-                    let is_visible = visible.iter().any(|v| v.block_id == b.block_id);
-                    if is_visible && settled(b) && !rewritten.contains(&b.block_id) {
+                if !trace_ids.contains_key(&b.block_id) {
+                    let read = self.block_trace_ids(b).await?;
+                    trace_ids.insert(b.block_id.clone(), read);
+                }
+                if !trace_ids[&b.block_id].is_disjoint(&ids) {
+                    if visible_ids.contains(b.block_id.as_str())
+                        && settled(b)
+                        && !rewritten.contains(&b.block_id)
+                    {
                         self.merge(tenant, std::slice::from_ref(b), &deleted, now, report)
                             .await?;
                         rewritten.insert(b.block_id.clone());
                         record.blocks_rewritten += 1;
                         report.rewritten_for_deletion += 1;
+                        rewrote = true;
                     }
                     // Rewritten now or not, the old file still holds the traces
                     // until it is deleted after the grace period.
@@ -453,7 +463,7 @@ impl Compactor {
                 deletion::save(&self.storage, record).await?;
                 report.deletions_completed += 1;
                 tracing::info!(id = %record.id, %tenant, traces = record.trace_ids.len(), "deletion request carried out");
-            } else if record.blocks_rewritten > 0 {
+            } else if rewrote {
                 deletion::save(&self.storage, record).await?;
             }
         }
@@ -507,22 +517,19 @@ impl Compactor {
         Ok(())
     }
 
-    /// Whether a block holds a span of any of `ids` (reads only its trace ids).
-    async fn holds_any(
-        &self,
-        b: &BlockMeta,
-        ids: &HashSet<[u8; 16]>,
-    ) -> Result<bool, CompactError> {
+    /// The trace ids a block holds (reads only that column).
+    async fn block_trace_ids(&self, b: &BlockMeta) -> Result<HashSet<[u8; 16]>, CompactError> {
         let bytes = self.storage.get(&b.path).await?;
         let path = b.path.clone();
-        let ids = ids.clone();
         tokio::task::spawn_blocking(move || {
             let batches = read_parquet(bytes, &path, Some(0))?;
-            Ok(batches.iter().any(|batch| {
-                let col = batch.column(0).as_fixed_size_binary();
-                (0..col.len())
-                    .any(|i| <[u8; 16]>::try_from(col.value(i)).is_ok_and(|id| ids.contains(&id)))
-            }))
+            Ok(batches
+                .iter()
+                .flat_map(|batch| {
+                    let col = batch.column(0).as_fixed_size_binary().clone();
+                    (0..col.len()).filter_map(move |i| <[u8; 16]>::try_from(col.value(i)).ok())
+                })
+                .collect())
         })
         .await
         .map_err(|e| CompactError::Read {
@@ -653,10 +660,7 @@ impl Compactor {
                 last_seq,
             }),
         };
-        let json = serde_json::to_vec_pretty(&meta).expect("block metadata serializes");
-        self.storage
-            .put_durable(&meta.meta_path(), Bytes::from(json))
-            .await?;
+        self.storage.put_meta(&meta).await?;
         self.notify(IndexChange::Added(meta));
         fault_pause().await;
         if inputs.len() > 1 {

@@ -11,22 +11,6 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-fn querier(storage: &Path, log_dir: &Path) -> Loupe {
-    let args: Vec<String> = [
-        "querier",
-        "--storage",
-        storage.to_str().unwrap(),
-        "--query-addr",
-        "127.0.0.1:0",
-        "--refresh",
-        "100ms",
-    ]
-    .iter()
-    .map(ToString::to_string)
-    .collect();
-    Loupe::spawn(&args, log_dir, &[], &["query-api"])
-}
-
 /// What a user sees of the whole project: spans stored (from the blocks a query
 /// reads), traces, tokens and cost.
 async fn totals(q: &Loupe) -> (u64, u64, i64, String) {
@@ -80,7 +64,7 @@ async fn killing_the_compactor_at_any_moment_loses_and_duplicates_nothing() {
     let (blocks_before, _) = count_files(&storage);
     assert!(blocks_before >= 40, "{blocks_before}");
 
-    let q = querier(&storage, dir.path());
+    let q = Loupe::querier(s, dir.path(), &[]);
     let expected = totals(&q).await;
     assert!(expected.0 >= 4000, "{expected:?}");
     let sample: Vec<String> = q.search_ids("limit=5").await;
@@ -236,15 +220,12 @@ async fn deleted_traces_vanish_from_queries_at_once_and_from_storage_after_compa
     let (_, users) = loupe.get("/api/v1/users?since=1h").await;
     assert!(users["users"].as_array().unwrap().is_empty(), "{users}");
     // Deleting what is not there is a clear 404, and bad input a 400.
-    let (status, _) = (
-        reqwest::Client::new()
-            .delete(format!("{}/api/v1/traces/{}", loupe.query, ids[2]))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        (),
-    );
+    let status = reqwest::Client::new()
+        .delete(format!("{}/api/v1/traces/{}", loupe.query, ids[2]))
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 404);
     let r = reqwest::Client::new()
         .delete(format!("{}/api/v1/traces", loupe.query))

@@ -160,19 +160,7 @@ impl Cluster {
     }
 
     pub fn querier(&self) -> Loupe {
-        let args: Vec<String> = [
-            "querier",
-            "--storage",
-            &self.storage(),
-            "--query-addr",
-            "127.0.0.1:0",
-            "--refresh",
-            "200ms",
-        ]
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-        Loupe::spawn(&args, self.dir.path(), &[], &["query-api"])
+        Loupe::querier(&self.storage(), self.dir.path(), &[])
     }
 }
 

@@ -48,6 +48,11 @@ impl Loupe {
     /// Starts standalone with its data in `data`, on free ports, and waits until it
     /// prints its addresses (which it does once the write-ahead log is replayed).
     pub fn start(data: &Path, extra: &[&str]) -> Loupe {
+        Loupe::start_with_env(data, extra, &[])
+    }
+
+    /// [`Loupe::start`] with extra environment (object-store credentials, keys).
+    pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Loupe {
         let mut args: Vec<String> = vec!["standalone".into(), "--data-dir".into()];
         args.push(data.display().to_string());
         for a in [
@@ -63,9 +68,26 @@ impl Loupe {
         {
             args.push(a.to_string());
         }
-        let mut loupe = Loupe::spawn(&args, data, &[], &["otlp-grpc", "otlp-http", "query-api"]);
+        let mut loupe = Loupe::spawn(&args, data, env, &["otlp-grpc", "otlp-http", "query-api"]);
         loupe.metrics_url = format!("{}/metrics", loupe.query);
         loupe
+    }
+
+    /// Starts `loupe querier` over `storage` (listing it every 100 ms), logging into
+    /// `log_dir`.
+    pub fn querier(storage: &str, log_dir: &Path, env: &[(&str, &str)]) -> Loupe {
+        let args: Vec<String> = [
+            "querier",
+            "--storage",
+            storage,
+            "--query-addr",
+            "127.0.0.1:0",
+            "--refresh",
+            "100ms",
+        ]
+        .map(String::from)
+        .to_vec();
+        Loupe::spawn(&args, log_dir, env, &["query-api"])
     }
 
     /// Starts `loupe <args>` with extra environment, logging into `log_dir`, and

@@ -65,13 +65,13 @@ impl S3Server {
     }
 
     /// What a user sets for an S3-compatible endpoint.
-    fn env(&self) -> Vec<(&'static str, String)> {
+    fn env(&self) -> Vec<(&str, &str)> {
         vec![
-            ("AWS_ACCESS_KEY_ID", "loupe-test-key".into()),
-            ("AWS_SECRET_ACCESS_KEY", "loupe-test-secret".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_ENDPOINT", self.endpoint.clone()),
-            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "loupe-test-key"),
+            ("AWS_SECRET_ACCESS_KEY", "loupe-test-secret"),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
         ]
     }
 
@@ -100,41 +100,13 @@ impl Drop for S3Server {
     }
 }
 
-fn spawn(args: &[&str], dir: &std::path::Path, s3: &S3Server, wanted: &[&str]) -> Loupe {
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let args: Vec<String> = args.iter().map(ToString::to_string).collect();
-    Loupe::spawn(&args, dir, &env, wanted)
-}
-
-fn run(args: &[&str], s3: &S3Server) -> String {
-    let env = s3.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    loupe_ok_env(args, &env)
-}
-
 #[tokio::test]
 async fn standalone_writes_and_reads_blocks_in_an_s3_bucket() {
     let s3 = S3Server::start().await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("s3://{BUCKET}/standalone");
-    let data = dir.path().display().to_string();
-    let args = [
-        "standalone",
-        "--data-dir",
-        &data,
-        "--storage",
-        &url,
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--query-addr",
-        "127.0.0.1:0",
-        "--flush-interval",
-        "200ms",
-    ];
-    let mut loupe = spawn(&args, dir.path(), &s3, &["otlp-grpc", "query-api"]);
+    let args = ["--storage", &url, "--flush-interval", "200ms"];
+    let mut loupe = Loupe::start_with_env(dir.path(), &args, &s3.env());
     let mut client = loupe.grpc_client().await;
     let mut ids = Vec::new();
     for user in ["ana", "ben"] {
@@ -161,7 +133,7 @@ async fn standalone_writes_and_reads_blocks_in_an_s3_bucket() {
             .iter()
             .any(|p| p.to_string_lossy().ends_with(".parquet"))
     );
-    let loupe = spawn(&args, dir.path(), &s3, &["otlp-grpc", "query-api"]);
+    let loupe = Loupe::start_with_env(dir.path(), &args, &s3.env());
     let mut found = loupe.search_ids("").await;
     found.sort();
     ids.sort();
@@ -174,7 +146,7 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
     let s3 = S3Server::start().await;
     let dir = tempfile::tempdir().unwrap();
     let url = format!("s3://{BUCKET}/cluster");
-    run(
+    loupe_ok_env(
         &[
             "generate",
             "--storage",
@@ -186,7 +158,7 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
             "--window",
             "2h",
         ],
-        &s3,
+        &s3.env(),
     );
     let metas = async |s3: &S3Server| {
         s3.keys("cluster/tenants/")
@@ -197,20 +169,7 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
     };
     let before = metas(&s3).await;
     assert!(before >= 20, "{before}");
-    let q = spawn(
-        &[
-            "querier",
-            "--storage",
-            &url,
-            "--query-addr",
-            "127.0.0.1:0",
-            "--refresh",
-            "100ms",
-        ],
-        dir.path(),
-        &s3,
-        &["query-api"],
-    );
+    let q = Loupe::querier(&url, dir.path(), &s3.env());
     let totals = |q: &Loupe| {
         let q = q.query.clone();
         async move {
@@ -243,7 +202,7 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
         "--grace",
         "0s",
     ];
-    let out = run(&compact, &s3);
+    let out = loupe_ok_env(&compact, &s3.env());
     // "compaction pass done: merged N blocks, …": all but a window's lone block.
     let merged: usize = out
         .split("merged ")
@@ -253,7 +212,7 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
         .unwrap_or(0);
     assert!(merged + 3 >= before, "{out}");
     assert_eq!(totals(&q).await, expected);
-    run(&compact, &s3);
+    loupe_ok_env(&compact, &s3.env());
     let after = metas(&s3).await;
     assert!(after < before / 4, "{after} blocks left of {before}");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -268,8 +227,8 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(s3.keys("cluster/deletions/").await.len(), 1);
-    run(&compact, &s3);
-    run(&compact, &s3);
+    loupe_ok_env(&compact, &s3.env());
+    loupe_ok_env(&compact, &s3.env());
     let (_, list) = q.get("/api/v1/deletions").await;
     assert_eq!(list["deletions"][0]["status"], "completed", "{list}");
     let (status, _) = q.get(&format!("/api/v1/traces/{victim}")).await;
