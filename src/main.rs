@@ -4,6 +4,7 @@ mod client;
 mod demo;
 mod generate;
 mod loadgen;
+mod purge;
 mod roles;
 mod server;
 mod standalone;
@@ -65,6 +66,8 @@ enum Command {
     Loadgen(loadgen::Args),
     /// Write N realistic spans straight into a project's storage (for benchmarks).
     Generate(generate::Args),
+    /// Delete everything stored for one project (a dry run without --yes).
+    Purge(purge::Args),
     /// Create API keys.
     #[command(subcommand)]
     Keys(keys_cmd::Keys),
@@ -285,6 +288,7 @@ fn main() -> std::process::ExitCode {
             Command::Traces(args) => traces_cmd::run(*args).await,
             Command::Loadgen(args) => loadgen::run(args).await,
             Command::Generate(args) => generate::run(args).await,
+            Command::Purge(args) => purge::run(args).await,
             Command::Keys(keys) => keys_cmd::run(keys),
             Command::Operator(args) => operator_cmd::run(args).await,
             Command::Crds => {

@@ -82,6 +82,29 @@ pub fn tenant_prefix(tenant: &TenantId) -> String {
     format!("deletions/{}/{}", tenant.namespace(), tenant.project())
 }
 
+/// What [`purge_tenant`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Purge {
+    /// Blocks (counted by their metadata).
+    pub blocks: u64,
+    /// Objects: block files, metadata, score files, deletion records, leftovers.
+    pub objects: u64,
+}
+
+/// Deletes everything stored for a tenant: its blocks (metadata first, so readers
+/// stop seeing them at once) and its deletion records. Used when a project itself is
+/// deleted; a project recreated later under the same name starts empty.
+pub async fn purge_tenant(storage: &Storage, tenant: &TenantId) -> Result<Purge, StorageError> {
+    let data = storage
+        .delete_prefix(&crate::storage::tenant_prefix(tenant))
+        .await?;
+    let records = storage.delete_prefix(&tenant_prefix(tenant)).await?;
+    Ok(Purge {
+        blocks: data.blocks,
+        objects: data.objects + records.objects,
+    })
+}
+
 /// Reads every deletion record in storage.
 pub async fn list(storage: &Storage) -> Result<Vec<DeletionRecord>, StorageError> {
     list_under(storage, "deletions").await
@@ -249,6 +272,61 @@ mod tests {
             completed_ns: None,
             blocks_rewritten: 0,
         }
+    }
+
+    #[tokio::test]
+    async fn a_purge_removes_one_tenant_and_nothing_of_its_neighbours() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_str().unwrap()).unwrap();
+        let gone: TenantId = "team-a/chat".parse().unwrap();
+        // `chat2` shares the string prefix, not the path segment: it must stay.
+        let neighbours: Vec<TenantId> = ["team-a/chat2", "team-b/chat"]
+            .iter()
+            .map(|t| t.parse().unwrap())
+            .collect();
+        for t in std::iter::once(&gone).chain(&neighbours) {
+            for block in ["b1", "b2"] {
+                for path in [
+                    crate::storage::meta_path(t, block),
+                    crate::storage::parquet_path(t, block),
+                ] {
+                    storage.put_durable(&path, "x".into()).await.unwrap();
+                }
+            }
+            save(&storage, &record(&t.to_string(), "r1", &[1]))
+                .await
+                .unwrap();
+        }
+
+        let purge = purge_tenant(&storage, &gone).await.unwrap();
+        assert_eq!(
+            purge,
+            Purge {
+                blocks: 2,
+                objects: 5
+            }
+        );
+        assert!(
+            storage
+                .list_paths(&crate::storage::tenant_prefix(&gone))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(list_tenant(&storage, &gone).await.unwrap().is_empty());
+        for t in &neighbours {
+            let left = storage
+                .list_paths(&crate::storage::tenant_prefix(t))
+                .await
+                .unwrap();
+            assert_eq!(left.len(), 4, "{t}: {left:?}");
+            assert_eq!(list_tenant(&storage, t).await.unwrap().len(), 1, "{t}");
+        }
+        // Purging again finds nothing and succeeds.
+        assert_eq!(
+            purge_tenant(&storage, &gone).await.unwrap(),
+            Purge::default()
+        );
     }
 
     #[tokio::test]

@@ -176,6 +176,15 @@ pub fn meta_path(tenant: &TenantId, block_id: &str) -> String {
     format!("{}/{block_id}.meta.json", blocks_prefix(tenant))
 }
 
+/// What [`Storage::delete_prefix`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixDeletion {
+    /// Block metadata objects (one per block).
+    pub blocks: u64,
+    /// Every object, metadata included.
+    pub objects: u64,
+}
+
 /// What a query can see of one tenant at one moment: its durable blocks and the
 /// spans accepted but not yet in a block.
 #[derive(Clone, Debug, Default)]
@@ -460,6 +469,43 @@ impl Storage {
     pub async fn get(&self, path: &str) -> Result<bytes::Bytes, StorageError> {
         let location = object_store::path::Path::from(path);
         Ok(self.store.get(&location).await?.bytes().await?)
+    }
+
+    /// Deletes every object under `prefix`, block metadata first (which hides those
+    /// blocks from every reader at once), then the rest; objects already gone count
+    /// as deleted. Returns how many objects were deleted, and how many of them were
+    /// block metadata.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<PrefixDeletion, StorageError> {
+        use futures::{StreamExt, TryStreamExt};
+        let paths = self.list_paths(prefix).await?;
+        let (metas, rest): (Vec<String>, Vec<String>) =
+            paths.into_iter().partition(|p| p.ends_with(".meta.json"));
+        let mut out = PrefixDeletion {
+            blocks: metas.len() as u64,
+            objects: 0,
+        };
+        for batch in [metas, rest] {
+            let locations = futures::stream::iter(
+                batch
+                    .into_iter()
+                    .map(|p| Ok(object_store::path::Path::from(p))),
+            )
+            .boxed();
+            // Batched where the store can (S3 DeleteObjects), concurrent elsewhere.
+            let deleted: Vec<_> = self
+                .store
+                .delete_stream(locations)
+                .map(|r| match r {
+                    Err(object_store::Error::NotFound { path, .. }) => {
+                        Ok(object_store::path::Path::from(path))
+                    }
+                    other => other,
+                })
+                .try_collect()
+                .await?;
+            out.objects += deleted.len() as u64;
+        }
+        Ok(out)
     }
 
     /// Lists the objects under `prefix` (paths only).

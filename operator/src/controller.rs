@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -503,6 +504,105 @@ fn config_serves(cm: &ConfigMap, tenant: &str, keys: ProjectKeys) -> bool {
     })
 }
 
+/// Carries out `deletionPolicy: Delete` for a project being deleted: runs the
+/// platform's purge Job for its tenant and, once the Job succeeded, removes the
+/// finalizer so the project goes. Until then the project (and its name) stays, so a
+/// project recreated under the same name cannot have its new data purged.
+async fn delete_project_data(project: &TraceProject, ctx: &Context) -> Result<Action, Error> {
+    let client = &ctx.client;
+    let ns = project.namespace().unwrap_or_default();
+    let name = project.name_any();
+    let tenant = format!("{ns}/{name}");
+    let platform_ns = project
+        .spec
+        .platform_ref
+        .namespace
+        .clone()
+        .unwrap_or_else(|| ns.clone());
+    let platform_name = &project.spec.platform_ref.name;
+    let Some(platform) = Api::<TracePlatform>::namespaced(client.clone(), &platform_ns)
+        .get_opt(platform_name)
+        .await?
+    else {
+        let note = format!(
+            "spec.deletionPolicy is Delete, but TracePlatform {platform_ns}/{platform_name} does not exist, so its storage is unknown. \
+             Recreate it, or delete the prefixes tenants/{tenant}/ and deletions/{tenant}/ from its storage yourself \
+             and remove the finalizer {DATA_FINALIZER}"
+        );
+        ctx.event(project, true, "DataDeletionBlocked", note).await;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    };
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &platform_ns);
+    let job_name = render::purge_job_name(platform_name, &tenant);
+    let Some(job) = jobs.get_opt(&job_name).await? else {
+        let job = render::purge_job(&platform, &tenant)?;
+        jobs.create(&PostParams::default(), &job).await?;
+        ctx.event(
+            project,
+            false,
+            "DataDeletionStarted",
+            format!(
+                "Job {platform_ns}/{job_name} deletes this project's stored traces in {} after {}",
+                platform.spec.storage.url,
+                render::PURGE_SETTLE
+            ),
+        )
+        .await;
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    };
+    let status = job.status.clone().unwrap_or_default();
+    let condition = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == type_ && c.status == "True")
+    };
+    if let Some(failed) = condition("Failed") {
+        let note = format!(
+            "Job {platform_ns}/{job_name} could not delete this project's stored traces: {}. \
+             See `kubectl logs -n {platform_ns} job/{job_name}`; delete the Job to try again",
+            failed.message.as_deref().unwrap_or("no message")
+        );
+        ctx.event(project, true, "DataDeletionFailed", note).await;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+    if condition("Complete").is_none() && status.succeeded.unwrap_or(0) == 0 {
+        return Ok(Action::requeue(Duration::from_secs(15)));
+    }
+    // Done: release the project, then tidy the Job up (its pods with it).
+    let finalizers: Vec<&String> = project
+        .finalizers()
+        .iter()
+        .filter(|f| *f != DATA_FINALIZER)
+        .collect();
+    let patch = json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": project.resource_version(),
+        }
+    });
+    Api::<TraceProject>::namespaced(client.clone(), &ns)
+        .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    ctx.event(
+        project,
+        false,
+        "DataDeleted",
+        format!("Job {platform_ns}/{job_name} deleted this project's stored traces"),
+    )
+    .await;
+    // Background propagation: a Job deleted through the API orphans its pods otherwise.
+    match jobs.delete(&job_name, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => {
+            tracing::warn!(error = %e, job = %job_name, "could not delete a finished purge Job; its TTL removes it")
+        }
+    }
+    Ok(Action::await_change())
+}
+
 pub async fn reconcile_project(
     project: Arc<TraceProject>,
     ctx: Arc<Context>,
@@ -516,15 +616,7 @@ pub async fn reconcile_project(
 
     if project.metadata.deletion_timestamp.is_some() {
         if has_finalizer {
-            // Stored data is removed with the project. Deleting a whole tenant's
-            // blocks is not automated yet; the finalizer stays and says why.
-            let note = "spec.deletionPolicy is Delete: this project's stored traces must be deleted before it goes; \
-                        this Loupe version does not delete a whole project's data by itself. \
-                        Delete the prefixes tenants/<namespace>/<project>/ and deletions/<namespace>/<project>/ from storage, \
-                        then remove the finalizer loupe.dev/delete-data";
-            ctx.event(&*project, true, "DataDeletionPending", note.to_owned())
-                .await;
-            return Ok(Action::requeue(Duration::from_secs(300)));
+            return delete_project_data(&project, &ctx).await;
         }
         return Ok(Action::await_change());
     }

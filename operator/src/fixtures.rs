@@ -205,9 +205,21 @@ fn route(
             )
         }
         (Method::POST, true) => {
-            // Events and other creations: echoed back.
+            // Created objects are stored (Events only echoed back).
             let mut created = body;
             created["metadata"]["resourceVersion"] = json!("1");
+            if !object_path.ends_with("/events")
+                && let Some(name) = created["metadata"]["name"].as_str()
+            {
+                let at = format!("{object_path}/{name}");
+                if objects.contains_key(&at) {
+                    return (
+                        StatusCode::CONFLICT,
+                        json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": "already exists", "reason": "AlreadyExists", "code": 409 }),
+                    );
+                }
+                objects.insert(at, created.clone());
+            }
             (StatusCode::CREATED, created)
         }
         (Method::GET, false) => match objects.get(&object_path) {

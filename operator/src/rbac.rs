@@ -68,6 +68,12 @@ pub const CLUSTER_RULES: &[Rule] = &[
         resources: &["poddisruptionbudgets"],
         verbs: &["list", "watch", "patch", "delete"],
     },
+    // The Job that deletes a deleted project's stored data (deletionPolicy: Delete).
+    Rule {
+        group: "batch",
+        resources: &["jobs"],
+        verbs: &["get", "create", "delete"],
+    },
     Rule {
         group: "events.k8s.io",
         resources: &["events"],

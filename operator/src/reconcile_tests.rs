@@ -445,6 +445,163 @@ async fn delete_policy_adds_a_finalizer_and_retain_removes_it() {
     assert_rbac_allows(&api.calls());
 }
 
+/// A project with `deletionPolicy: Delete` being deleted, as the API server holds it.
+fn deleting_project() -> TraceProject {
+    let mut proj = project("team-a-prod", "prod");
+    proj.spec.deletion_policy = DeletionPolicy::Delete;
+    proj.metadata.finalizers = Some(vec![DATA_FINALIZER.to_owned()]);
+    proj.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(5_000).unwrap(),
+    ));
+    proj
+}
+
+const DELETING_PATH: &str = "/apis/loupe.dev/v1alpha1/namespaces/team-a-prod/traceprojects/chat";
+
+#[tokio::test]
+async fn deleting_a_delete_policy_project_runs_a_purge_job_then_releases_it() {
+    let api = FakeApi::default();
+    api.put(&platform());
+    api.put(&deleting_project());
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    let stored =
+        || -> TraceProject { serde_json::from_value(api.get(DELETING_PATH).unwrap()).unwrap() };
+
+    // First pass: the Job is created, the project stays.
+    let action = within(reconcile_project(
+        std::sync::Arc::new(stored()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(15))
+    );
+    let job_name = crate::render::purge_job_name("loupe", "team-a-prod/chat");
+    let job_path = format!("/apis/batch/v1/namespaces/observability/jobs/{job_name}");
+    let job = api.get(&job_path).expect("the purge Job was created");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["args"][2],
+        "--tenant=team-a-prod/chat"
+    );
+    assert_eq!(
+        events(&api.calls()),
+        [("Normal".to_owned(), "DataDeletionStarted".to_owned())]
+    );
+    assert_eq!(stored().finalizers(), [DATA_FINALIZER]);
+    assert_rbac_allows(&api.calls());
+
+    // While it runs: nothing changes, and no second Job.
+    api.clear_calls();
+    within(reconcile_project(
+        std::sync::Arc::new(stored()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        api.calls().iter().all(|c| c.method == http::Method::GET),
+        "{:#?}",
+        api.calls()
+    );
+    assert_eq!(stored().finalizers(), [DATA_FINALIZER]);
+
+    // The Job succeeded: the finalizer goes, and the Job with it.
+    let mut done = job.clone();
+    done["status"] =
+        json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] });
+    api.put(&done);
+    api.clear_calls();
+    let action = within(reconcile_project(
+        std::sync::Arc::new(stored()),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    assert!(stored().finalizers().is_empty());
+    assert!(api.get(&job_path).is_none(), "the finished Job is deleted");
+    let delete = api
+        .calls()
+        .into_iter()
+        .find(|c| c.method == http::Method::DELETE)
+        .unwrap();
+    assert_eq!(
+        delete.body["propagationPolicy"], "Background",
+        "its pods go too"
+    );
+    assert_eq!(
+        events(&api.calls()),
+        [("Normal".to_owned(), "DataDeleted".to_owned())]
+    );
+    assert_rbac_allows(&api.calls());
+}
+
+#[tokio::test]
+async fn a_failed_purge_job_keeps_the_project_and_says_why() {
+    let api = FakeApi::default();
+    let platform = platform();
+    api.put(&platform);
+    api.put(&deleting_project());
+    let mut job = crate::render::purge_job(&platform, "team-a-prod/chat").unwrap();
+    job.status = Some(serde_json::from_value(json!({
+        "failed": 7,
+        "conditions": [{ "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit" }],
+    })).unwrap());
+    api.put(&job);
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    let stored: TraceProject = serde_json::from_value(api.get(DELETING_PATH).unwrap()).unwrap();
+    within(reconcile_project(std::sync::Arc::new(stored), ctx))
+        .await
+        .unwrap();
+    let calls = api.calls();
+    assert_eq!(
+        events(&calls),
+        [("Warning".to_owned(), "DataDeletionFailed".to_owned())]
+    );
+    let note = calls
+        .iter()
+        .find(|c| c.path.ends_with("/events"))
+        .unwrap()
+        .body["note"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        note.contains("backoff limit") && note.contains("delete the Job to try again"),
+        "{note}"
+    );
+    let stored: TraceProject = serde_json::from_value(api.get(DELETING_PATH).unwrap()).unwrap();
+    assert_eq!(stored.finalizers(), [DATA_FINALIZER]);
+}
+
+#[tokio::test]
+async fn without_its_platform_a_deleting_project_waits_and_names_the_prefixes() {
+    let api = FakeApi::default();
+    api.put(&deleting_project());
+    let (ctx, _server) = context(&api, &FakeTopics::default());
+    let stored: TraceProject = serde_json::from_value(api.get(DELETING_PATH).unwrap()).unwrap();
+    within(reconcile_project(std::sync::Arc::new(stored), ctx))
+        .await
+        .unwrap();
+    let calls = api.calls();
+    assert_eq!(
+        events(&calls),
+        [("Warning".to_owned(), "DataDeletionBlocked".to_owned())]
+    );
+    let note = calls
+        .iter()
+        .find(|c| c.path.ends_with("/events"))
+        .unwrap()
+        .body["note"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(note.contains("tenants/team-a-prod/chat/"), "{note}");
+    assert!(calls.iter().all(|c| !c.path.contains("/jobs")));
+}
+
 #[tokio::test]
 async fn two_policies_on_one_project_are_a_conflict_and_the_oldest_applies() {
     let api = FakeApi::default();

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -315,6 +316,68 @@ pub fn children(platform: &TracePlatform, config_yaml: &str) -> Result<Children,
         }
     }
     Ok(out)
+}
+
+/// How long a purge Job waits before deleting: the receivers stop accepting the
+/// project once the kubelet has updated their mounted tenant config (about a minute
+/// after the ConfigMap changes), and the writers flush what they still hold within a
+/// flush interval (3 s by default) after that.
+pub const PURGE_SETTLE: &str = "2m";
+
+/// Annotation naming the project (`<namespace>/<project>`) a purge Job deletes.
+pub const PURGE_TENANT_ANNOTATION: &str = "loupe.dev/purge-tenant";
+
+/// The name of the Job deleting `tenant`'s data: the platform's name and a digest of
+/// the tenant, within the 63 characters a Job's pods label it with.
+pub fn purge_job_name(platform: &str, tenant: &str) -> String {
+    let digest = config_hash(tenant);
+    let prefix: String = platform.chars().take(63 - "-purge-".len() - 10).collect();
+    format!("{prefix}-purge-{}", &digest[..10])
+}
+
+/// The Job that deletes everything stored for `tenant` (`<namespace>/<project>`):
+/// `loupe purge` with the compactor's storage settings, in the platform's namespace
+/// and owned by it. The operator removes the project's finalizer once it succeeded.
+pub fn purge_job(platform: &TracePlatform, tenant: &str) -> Result<Job, RenderError> {
+    let name = platform.name_any();
+    let mut template = pod_template(platform, Role::Compactor);
+    let container = &mut template["spec"]["containers"][0];
+    container["name"] = json!("purge");
+    container["args"] = json!([
+        "purge",
+        format!("--storage={}", platform.spec.storage.url),
+        format!("--tenant={tenant}"),
+        format!("--settle={PURGE_SETTLE}"),
+        "--yes",
+    ]);
+    container["resources"] = json!({ "requests": { "cpu": "100m", "memory": "128Mi" } });
+    if let Some(c) = container.as_object_mut() {
+        for field in ["ports", "readinessProbe", "livenessProbe"] {
+            c.remove(field);
+        }
+    }
+    template["metadata"] = json!({ "labels": crate::crd::common_labels(&name, "purge") });
+    template["spec"]["restartPolicy"] = json!("OnFailure");
+    typed(
+        "Job",
+        json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "name": purge_job_name(&name, tenant),
+                "namespace": platform.namespace(),
+                "labels": crate::crd::common_labels(&name, "purge"),
+                "annotations": { PURGE_TENANT_ANNOTATION: tenant },
+                "ownerReferences": [to_value(&owner_reference(platform))],
+            },
+            "spec": {
+                "backoffLimit": 6,
+                // Kept a day for `kubectl logs`, unless the operator removes it first.
+                "ttlSecondsAfterFinished": 86_400,
+                "template": template,
+            },
+        }),
+    )
 }
 
 fn selector_labels(platform: &str, role: Role) -> BTreeMap<String, String> {
@@ -640,6 +703,39 @@ mod tests {
             text.contains("sasl.password=$(LOUPE_KAFKA_PASSWORD)"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_purge_job_runs_loupe_purge_with_the_compactors_storage_access() {
+        let p = example("platform-production.yaml");
+        let job = purge_job(&p, "team-a-prod/chat").unwrap();
+        assert_golden("purge-job.yaml", &[to_value(&job)]);
+        let name = job.metadata.name.as_deref().unwrap();
+        assert_eq!(name, purge_job_name("loupe", "team-a-prod/chat"));
+        assert_ne!(name, purge_job_name("loupe", "team-a-prod/chat2"));
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.args.as_ref().unwrap()[..3],
+            [
+                "purge".to_owned(),
+                "--storage=s3://acme-traces/loupe".to_owned(),
+                "--tenant=team-a-prod/chat".to_owned()
+            ]
+        );
+        // The same credentials as the compactor, which also deletes blocks.
+        let compactor = children(&p, "tenants: []\n").unwrap().deployments[3].clone();
+        let compactor = &compactor.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(c.env_from, compactor.env_from);
+        assert!(c.env_from.is_some());
+        assert!(c.ports.is_none() && c.liveness_probe.is_none());
+
+        // Names stay within the 63 characters of a pod label, however long the platform.
+        let mut long = p.clone();
+        long.metadata.name = Some("p".repeat(200));
+        let job = purge_job(&long, "a/b").unwrap();
+        assert!(job.metadata.name.unwrap().len() <= 63);
     }
 
     #[test]

@@ -171,3 +171,70 @@ async fn generate_writes_blocks_that_standalone_serves_whole() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("must be between 1 and"));
 }
+
+#[tokio::test]
+async fn purge_deletes_one_projects_data_and_leaves_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = dir.path().join("blocks");
+    let storage = blocks.to_str().unwrap();
+    for (tenant, spans) in [("default/default", "2k"), ("team-b/chat", "1k")] {
+        loupe_ok(&[
+            "generate",
+            "--storage",
+            storage,
+            "--tenant",
+            tenant,
+            "--spans",
+            spans,
+            "--block-spans",
+            "1k",
+            "--window",
+            "1h",
+        ]);
+    }
+    // Without keys the querier serves default/default.
+    let querier = Loupe::querier(storage, &dir.path().join("logs"), &[]);
+    let (status, found) = querier.get("/api/v1/traces?since=2h&limit=5").await;
+    assert_eq!(status, 200, "{found}");
+    let first = found["traces"][0]["trace_id"].as_str().unwrap().to_owned();
+    // A deletion request leaves a record, which the purge removes too.
+    loupe_ok(&["traces", "delete", &first, "--url", &querier.query]);
+    let records = blocks.join("deletions/default/default");
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 1);
+
+    // A dry run says what would go and deletes nothing.
+    let dry = loupe_ok(&["purge", "--storage", storage, "--tenant", "default/default"]);
+    assert!(dry.starts_with("dry run: would delete 2 blocks ("), "{dry}");
+    assert!(dry.contains("nothing deleted"), "{dry}");
+    let (_, still) = querier.get("/api/v1/traces?since=2h&limit=5").await;
+    assert_eq!(still["traces"].as_array().unwrap().len(), 5);
+
+    let done = loupe_ok(&[
+        "purge",
+        "--storage",
+        storage,
+        "--tenant",
+        "default/default",
+        "--yes",
+    ]);
+    assert!(done.starts_with("deleted 2 blocks ("), "{done}");
+    eventually(std::time::Duration::from_secs(10), || {
+        let q = &querier;
+        async move {
+            let (status, found) = q.get("/api/v1/traces?since=2h&limit=5").await;
+            let n = found["traces"].as_array().map_or(usize::MAX, Vec::len);
+            (status == 200 && n == 0)
+                .then_some(())
+                .ok_or(format!("{status}: {n} traces still served"))
+        }
+    })
+    .await;
+    assert!(walk(&blocks.join("tenants/default")).is_empty());
+    assert!(!records.exists() || walk(&records).is_empty());
+    // The other project keeps every block.
+    let left = loupe_ok(&["purge", "--storage", storage, "--tenant", "team-b/chat"]);
+    assert!(
+        left.starts_with("dry run: would delete 1 block ("),
+        "{left}"
+    );
+}

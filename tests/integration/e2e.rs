@@ -263,6 +263,75 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
         status.conditions
     );
 
+    // deletionPolicy: Delete — deleting the project starts the purge Job for its
+    // tenant, and the finalizer holds the project until the Job has succeeded.
+    let projects: Api<TraceProject> = Api::namespaced(client.clone(), &dev_ns);
+    let purged = json!({
+        "apiVersion": "loupe.dev/v1alpha1", "kind": "TraceProject",
+        "metadata": { "name": "purged", "namespace": dev_ns },
+        "spec": {
+            "platformRef": { "name": "loupe", "namespace": platform_ns },
+            "environment": "dev",
+            "deletionPolicy": "Delete",
+        },
+    });
+    projects
+        .patch("purged", &apply(), &Patch::Apply(&purged))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(120), || {
+        let p = projects.clone();
+        async move {
+            let got = p.get("purged").await.map_err(|e| e.to_string())?;
+            got.metadata
+                .finalizers
+                .unwrap_or_default()
+                .contains(&"loupe.dev/delete-data".to_owned())
+                .then_some(())
+                .ok_or_else(|| "no finalizer yet".to_owned())
+        }
+    })
+    .await;
+    projects
+        .delete("purged", &DeleteParams::default())
+        .await
+        .unwrap();
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &platform_ns);
+    let job_name = loupe_operator::render::purge_job_name("loupe", &format!("{dev_ns}/purged"));
+    let tenant_arg = format!("--tenant={dev_ns}/purged");
+    eventually(Duration::from_secs(120), || {
+        let (jobs, job_name, tenant_arg) = (jobs.clone(), job_name.clone(), tenant_arg.clone());
+        async move {
+            let job = jobs
+                .get_opt(&job_name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no Job {job_name} yet"))?;
+            let args = job.spec.unwrap().template.spec.unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap_or_default();
+            args.contains(&tenant_arg)
+                .then_some(())
+                .ok_or_else(|| format!("unexpected args {args:?}"))
+        }
+    })
+    .await;
+    let held = projects.get("purged").await.unwrap();
+    assert!(
+        held.metadata.deletion_timestamp.is_some(),
+        "the project waits for its data to be deleted"
+    );
+    // The data plane's image may not run in this cluster: release the project by hand.
+    projects
+        .patch(
+            "purged",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "finalizers": null } })),
+        )
+        .await
+        .unwrap();
+
     drop(operator);
     for ns in [&platform_ns, &dev_ns, &prod_ns] {
         let _ = namespaces.delete(ns, &DeleteParams::default()).await;

@@ -233,4 +233,32 @@ async fn querier_and_compactor_work_on_an_s3_bucket() {
     assert_eq!(list["deletions"][0]["status"], "completed", "{list}");
     let (status, _) = q.get(&format!("/api/v1/traces/{victim}")).await;
     assert_eq!(status, 404);
+
+    // Purging the project empties its prefixes in the bucket (batched deletes).
+    let blocks = metas(&s3).await;
+    let out = loupe_ok_env(
+        &[
+            "purge",
+            "--storage",
+            &url,
+            "--tenant",
+            "default/default",
+            "--yes",
+        ],
+        &s3.env(),
+    );
+    assert!(out.starts_with(&format!("deleted {blocks} block")), "{out}");
+    assert!(s3.keys("cluster/tenants/").await.is_empty());
+    assert!(s3.keys("cluster/deletions/").await.is_empty());
+    eventually(Duration::from_secs(10), || {
+        let q = &q;
+        async move {
+            let (_, found) = q.get("/api/v1/traces?since=3h&limit=5").await;
+            let n = found["traces"].as_array().map_or(usize::MAX, Vec::len);
+            (n == 0)
+                .then_some(())
+                .ok_or(format!("{n} traces still served"))
+        }
+    })
+    .await;
 }
