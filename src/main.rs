@@ -1,5 +1,6 @@
 //! `loupe`: one binary, one subcommand per role (the Tempo/Loki model).
 
+mod alerts_cmd;
 mod client;
 mod demo;
 mod generate;
@@ -68,6 +69,12 @@ enum Command {
     Generate(generate::Args),
     /// Delete everything stored for one project (a dry run without --yes).
     Purge(purge::Args),
+    /// Alert rules: `loupe alerts check --rules FILE` evaluates them once.
+    #[command(subcommand)]
+    Alerts(alerts_cmd::Alerts),
+    /// Pass or fail a deployment on recent scores, latency, errors and cost (exit 1
+    /// when a check fails), e.g. `loupe gate --score faithfulness --min 0.8 --since 1h`.
+    Gate(Box<alerts_cmd::GateArgs>),
     /// Create API keys.
     #[command(subcommand)]
     Keys(keys_cmd::Keys),
@@ -289,6 +296,8 @@ fn main() -> std::process::ExitCode {
             Command::Loadgen(args) => loadgen::run(args).await,
             Command::Generate(args) => generate::run(args).await,
             Command::Purge(args) => purge::run(args).await,
+            Command::Alerts(cmd) => alerts_cmd::run_alerts(cmd).await,
+            Command::Gate(args) => alerts_cmd::run_gate(*args).await,
             Command::Keys(keys) => keys_cmd::run(keys),
             Command::Operator(args) => operator_cmd::run(args).await,
             Command::Crds => {

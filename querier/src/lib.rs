@@ -1,6 +1,7 @@
 //! Loupe querier: tenant-scoped trace queries with DataFusion over Parquet blocks
 //! (plus spans not yet flushed), served as an HTTP JSON API.
 
+pub mod alerts;
 pub mod api;
 pub mod compare;
 pub mod deletions;

@@ -189,7 +189,7 @@ pub struct ScorePoint {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub change: Option<f64>,
     /// Counts per label (categorical and boolean scores).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, u64>,
 }
 

@@ -1,0 +1,298 @@
+//! `loupe alerts check` and `loupe gate` against a running standalone: the rules and
+//! bounds are evaluated over the query API, from spans and scores sent over OTLP and
+//! the scores API.
+
+use std::process::Command;
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::trace::v1::Status;
+use serde_json::{Value, json};
+
+use crate::harness::*;
+
+/// Runs `loupe <args>`: exit code, stdout, stderr.
+fn loupe(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_loupe"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// 40 `chat` traces of ~900 ms, 4 of them failed; 25 faithfulness scores averaging
+/// 0.496 now (13 × 0.4, 12 × 0.6) and 25 of 0.9 two days ago.
+async fn traffic(loupe: &Loupe) {
+    let mut client = loupe.grpc_client().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let (t, mut req) = simple_trace("chat", "u-1");
+        if i % 10 == 0 {
+            let llm = &mut req.resource_spans[0].scope_spans[0].spans[1];
+            llm.status = Some(Status {
+                code: 2,
+                message: "rate limited".into(),
+            });
+        }
+        client.export(req).await.unwrap();
+        ids.push(hex(&t));
+    }
+    let two_days_ago = chrono::Utc::now() - chrono::Duration::days(2);
+    let scores: Vec<Value> = ids
+        .iter()
+        .take(25)
+        .enumerate()
+        .flat_map(|(i, id)| {
+            [
+                json!({ "trace_id": id, "name": "faithfulness", "value": if i % 2 == 0 { 0.4 } else { 0.6 } }),
+                json!({ "trace_id": id, "name": "faithfulness", "value": 0.9,
+                        "timestamp": two_days_ago.to_rfc3339() }),
+            ]
+        })
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/scores", loupe.http))
+        .json(&scores)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually(Duration::from_secs(10), || async {
+        let (_, m) = loupe.get("/api/v1/metrics?since=1h&step=1h").await;
+        let n = m["series"][0]["requests"].as_u64().unwrap_or(0);
+        let (_, s) = loupe
+            .get("/api/v1/scores/metrics?since=3d&step=3d&name=faithfulness")
+            .await;
+        let scores = s["series"][0]["count"].as_u64().unwrap_or(0);
+        (n == 40 && scores == 50)
+            .then_some(())
+            .ok_or(format!("{n} requests and {scores} scores so far"))
+    })
+    .await;
+}
+
+const RULES: &str = "\
+rules:
+  - name: errors
+    kind: error_rate
+    window: 10m
+    threshold: 0.05
+    minCount: 10
+  - name: slow
+    kind: latency_percentile
+    window: 10m
+    percentile: 99
+    threshold: 5000
+  - name: faithfulness
+    kind: score_drop
+    scoreName: faithfulness
+    window: 1h
+    baseline: 7d
+    threshold: 0.1
+    for: 5m
+  - name: cost
+    kind: cost_spike
+    window: 1h
+    threshold: 2
+";
+
+#[tokio::test]
+async fn alerts_check_evaluates_rules_against_the_query_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let standalone = Loupe::start(dir.path(), &[]);
+    traffic(&standalone).await;
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, RULES).unwrap();
+    let rules = rules.to_str().unwrap();
+
+    let (code, out, err) = loupe(&[
+        "alerts",
+        "check",
+        "--rules",
+        rules,
+        "--url",
+        &standalone.query,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let states: Value = serde_json::from_str(&out).unwrap();
+    let by_name = |n: &str| {
+        states
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    // 4 of 40 requests failed: 10 % > 5 %, no `for`: firing.
+    let errors = by_name("errors");
+    assert_eq!(errors["state"], "Firing", "{errors}");
+    assert!((errors["value"].as_f64().unwrap() - 0.1).abs() < 1e-9);
+    // ~900 ms traces are under 5 s.
+    let slow = by_name("slow");
+    assert_eq!(slow["state"], "Inactive", "{slow}");
+    let p99 = slow["value"].as_f64().unwrap();
+    assert!((850.0..1000.0).contains(&p99), "{slow}");
+    // 0.496 against 0.9: a 44.9 % drop; with `for: 5m` it is pending.
+    let faith = by_name("faithfulness");
+    assert_eq!(faith["state"], "Pending", "{faith}");
+    let drop = (0.9 - 0.496) / 0.9;
+    assert!(
+        (faith["value"].as_f64().unwrap() - drop).abs() < 1e-6,
+        "{faith}"
+    );
+    // No cost before this hour: nothing to compare with.
+    let cost = by_name("cost");
+    assert_eq!(cost["state"], "Inactive", "{cost}");
+    assert!(cost["value"].is_null());
+    assert!(
+        cost["summary"]
+            .as_str()
+            .unwrap()
+            .contains("no cost in the baseline"),
+        "{cost}"
+    );
+
+    // The table, for people.
+    let (code, table, _) = loupe(&[
+        "alerts",
+        "check",
+        "--rules",
+        rules,
+        "--url",
+        &standalone.query,
+    ]);
+    assert_eq!(code, 0);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("faithfulness"))
+        .unwrap();
+    assert!(
+        line.contains("Pending")
+            && line.contains("44.9 %")
+            && line.contains("fires if it holds for 5m"),
+        "{table}"
+    );
+
+    // A bad rule is refused with its name and field; an unreachable querier is an error.
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        RULES.replace("threshold: 0.05", "threshold: 5"),
+    )
+    .unwrap();
+    let (code, _, err) = loupe(&[
+        "alerts",
+        "check",
+        "--rules",
+        dir.path().join("bad.yaml").to_str().unwrap(),
+        "--url",
+        &standalone.query,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("rules[0] (errors): threshold: 5"), "{err}");
+    let (code, out, err) = loupe(&[
+        "alerts",
+        "check",
+        "--rules",
+        rules,
+        "--url",
+        "http://127.0.0.1:9",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("Error") && err.contains("4 of 4 rules could not be evaluated"),
+        "{out}\n{err}"
+    );
+}
+
+#[tokio::test]
+async fn gate_passes_and_fails_with_exit_codes_and_a_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let standalone = Loupe::start(dir.path(), &[]);
+    traffic(&standalone).await;
+    let url = standalone.query.as_str();
+
+    // Latency and error bounds that hold: exit 0.
+    let (code, out, err) = loupe(&[
+        "gate",
+        "--url",
+        url,
+        "--since",
+        "10m",
+        "--max-p99",
+        "5s",
+        "--max-error-rate",
+        "20%",
+        "--min-count",
+        "10",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("gate passed (2 of 2 checks passed, last 10m)"),
+        "{out}"
+    );
+
+    // The score average is 0.496 over the last hour: below 0.8, exit 1.
+    let (code, out, _) = loupe(&[
+        "gate",
+        "--url",
+        url,
+        "--score",
+        "faithfulness",
+        "--min",
+        "0.8",
+        "--since",
+        "1h",
+        "--min-count",
+        "20",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("score faithfulness"))
+        .unwrap();
+    assert!(
+        line.contains("0.496") && line.contains("FAIL") && line.contains("25 scores"),
+        "{out}"
+    );
+
+    // Filters narrow the traffic: 10 % errors in `chat` fail a 1 % bound …
+    let (code, out, _) = loupe(&[
+        "gate",
+        "--url",
+        url,
+        "--filter",
+        "service=chat",
+        "--max-error-rate",
+        "1%",
+        "--json",
+    ]);
+    assert_eq!(code, 1);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["passed"], false);
+    assert_eq!(v["checks"][0]["value"], 0.1);
+    // … and too little traffic fails rather than passes.
+    let (code, out, _) = loupe(&[
+        "gate",
+        "--url",
+        url,
+        "--filter",
+        "service=nobody",
+        "--max-p99",
+        "5s",
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.contains("only 0 requests, at least 1 needed"), "{out}");
+
+    // Bad bounds are refused with the reason.
+    let (code, _, err) = loupe(&["gate", "--url", url, "--max-error-rate", "150%"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"150%\" is not between 0 and 100 %"), "{err}");
+    let (code, _, err) = loupe(&["gate", "--url", url]);
+    assert_ne!(code, 0);
+    assert!(err.contains("nothing to check"), "{err}");
+}
