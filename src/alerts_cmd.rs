@@ -1,7 +1,7 @@
 //! `loupe alerts check` (evaluate alert rules once against a query API) and
 //! `loupe gate` (pass or fail a deployment on scores, latency, errors and cost).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -71,13 +71,19 @@ impl AlertData for HttpData {
         range: (i64, i64),
         step_ns: i64,
         name: &str,
+        filters: &BTreeMap<String, String>,
     ) -> Result<ScoreMetrics, String> {
-        let query = vec![
+        let mut query = vec![
             ("start", secs(range.0)),
             ("end", secs(range.1)),
             ("step", format!("{}s", (step_ns / 1_000_000_000).max(1))),
             ("name", name.to_owned()),
         ];
+        // The score API's `name` is the score's: a span name goes as `span_name`.
+        for (k, v) in filters {
+            let k = if k == "name" { "span_name" } else { k.as_str() };
+            query.push((k, v.clone()));
+        }
         self.get("/api/v1/scores/metrics", query).await
     }
 }
@@ -229,16 +235,27 @@ pub struct GateArgs {
     #[arg(long, default_value = "1h")]
     since: String,
     /// Only traffic matching these metrics filters (`service=chatbot`,
-    /// `prompt_version=v7`, `environment=prod`, …); repeatable. Latency, error and
-    /// cost checks only.
+    /// `prompt_version=v7`, `environment=prod`, …); repeatable. Scores count when
+    /// their trace has a span matching every filter.
     #[arg(long = "filter", value_name = "KEY=VALUE")]
     filters: Vec<String>,
-    /// A score whose average must be at least --min.
-    #[arg(long, requires = "min")]
+    /// A score whose average must be at least --min (or not drop by more than
+    /// --max-drop from --against to --compare).
+    #[arg(long)]
     score: Option<String>,
     /// The least average of --score.
     #[arg(long, requires = "score")]
     min: Option<f64>,
+    /// The traffic under test, e.g. `prompt_version=v7` (a filter, added to any
+    /// --filter); compared with --against on the average of --score.
+    #[arg(long, value_name = "KEY=VALUE", requires_all = ["against", "score"])]
+    compare: Option<String>,
+    /// The reference traffic, e.g. `prompt_version=v6`.
+    #[arg(long, value_name = "KEY=VALUE", requires = "compare")]
+    against: Option<String>,
+    /// The most the --score average of --compare may fall below --against's, e.g. `5%`.
+    #[arg(long, requires = "compare")]
+    max_drop: Option<String>,
     /// The least scores (with --score) or requests checked; fewer fails the gate.
     #[arg(long, default_value_t = 1)]
     min_count: u64,
@@ -261,6 +278,25 @@ pub struct GateArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// `KEY=VALUE` filters, checked against the metrics API's filter names.
+fn filter_map(flag: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for f in items {
+        let (k, v) = f
+            .split_once('=')
+            .with_context(|| format!("{flag} {f:?} is not KEY=VALUE"))?;
+        let k = k.trim();
+        if !loupe_querier::alerts::FILTERS.contains(&k) {
+            bail!(
+                "{flag}: unknown filter {k:?}; one of {}",
+                loupe_querier::alerts::FILTERS.join(", ")
+            );
+        }
+        out.insert(k.to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
 }
 
 /// `1%` or `0.01`.
@@ -292,25 +328,22 @@ struct Check {
 
 pub async fn run_gate(args: GateArgs) -> anyhow::Result<()> {
     let since = duration("--since", &args.since)?;
-    let mut params: HashMap<String, String> = HashMap::new();
-    for f in &args.filters {
-        let (k, v) = f
-            .split_once('=')
-            .with_context(|| format!("--filter {f:?} is not KEY=VALUE"))?;
-        if !loupe_querier::alerts::FILTERS.contains(&k.trim()) {
-            bail!(
-                "--filter: unknown filter {:?}; one of {}",
-                k.trim(),
-                loupe_querier::alerts::FILTERS.join(", ")
-            );
+    let filters = filter_map("--filter", &args.filters)?;
+    let mut params: HashMap<String, String> = filters.clone().into_iter().collect();
+    let compare = match (&args.compare, &args.against) {
+        (Some(a), Some(b)) => {
+            if args.score.is_none() {
+                bail!("--compare compares the average of --score; give --score too");
+            }
+            let mut with = filters.clone();
+            with.extend(filter_map("--compare", std::slice::from_ref(a))?);
+            let mut base = filters.clone();
+            base.extend(filter_map("--against", std::slice::from_ref(b))?);
+            Some((a.clone(), with, b.clone(), base))
         }
-        params.insert(k.trim().to_owned(), v.trim().to_owned());
-    }
-    if args.score.is_some() && !params.is_empty() {
-        bail!(
-            "--filter applies to latency, error and cost checks; scores cannot be filtered by trace attributes yet"
-        );
-    }
+        _ => None,
+    };
+    let max_drop = args.max_drop.as_deref().map(fraction).transpose()?;
     let latency_bounds: Vec<(&str, Duration)> = [
         ("p50", &args.max_p50),
         ("p95", &args.max_p95),
@@ -325,9 +358,9 @@ pub async fn run_gate(args: GateArgs) -> anyhow::Result<()> {
         || max_error_rate.is_some()
         || args.max_cost.is_some()
         || args.max_cost_per_request.is_some();
-    if args.score.is_none() && !metrics_wanted {
+    if args.min.is_none() && compare.is_none() && !metrics_wanted {
         bail!(
-            "nothing to check: give --score with --min, --max-p50/p95/p99, --max-error-rate, --max-cost or --max-cost-per-request"
+            "nothing to check: give --score with --min or with --compare/--against, --max-p50/p95/p99, --max-error-rate, --max-cost or --max-cost-per-request"
         );
     }
 
@@ -335,16 +368,46 @@ pub async fn run_gate(args: GateArgs) -> anyhow::Result<()> {
     let end = loupe_querier::alerts::whole_seconds_after(now_ns());
     let start = end - since.as_nanos() as i64;
     let mut checks = Vec::new();
-    if let (Some(name), Some(min)) = (&args.score, args.min) {
+    let score_avg = async |name: &str, filters: &BTreeMap<String, String>| {
         let m = data
-            .score_metrics((start, end), end - start, name)
+            .score_metrics((start, end), end - start, name, filters)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
-        let (avg, count) = m
-            .series
-            .iter()
-            .find(|s| &s.name == name)
-            .map_or((None, 0), |s| (s.avg, s.count));
+        anyhow::Ok(
+            m.series
+                .iter()
+                .find(|s| s.name == name)
+                .map_or((None, 0), |s| (s.avg, s.count)),
+        )
+    };
+    if let (Some(name), Some((label, with, base_label, base))) = (&args.score, &compare) {
+        let ((avg, count), (base_avg, base_count)) =
+            (score_avg(name, with).await?, score_avg(name, base).await?);
+        let max = max_drop.unwrap_or(0.0);
+        let drop = match (avg, base_avg) {
+            (Some(a), Some(b)) if b != 0.0 => Some((b - a) / b.abs()),
+            _ => None,
+        };
+        let enough = count >= args.min_count && base_count >= args.min_count;
+        checks.push(Check {
+            check: format!("score {name}: {label} vs {base_label} (drop)"),
+            value: drop,
+            bound: format!("<= {max}"),
+            passed: enough && drop.is_some_and(|d| d <= max),
+            detail: format!(
+                "{} over {count} scores vs {} over {base_count}{}",
+                avg.map_or("-".into(), |a| format!("{a:.3}")),
+                base_avg.map_or("-".into(), |a| format!("{a:.3}")),
+                if enough {
+                    String::new()
+                } else {
+                    format!("; at least {} each needed", args.min_count)
+                }
+            ),
+        });
+    }
+    if let (Some(name), Some(min)) = (&args.score, args.min) {
+        let (avg, count) = score_avg(name, &filters).await?;
         let enough = count >= args.min_count;
         checks.push(Check {
             check: format!("score {name} average"),

@@ -99,7 +99,8 @@ pub struct RuleSpec {
     pub min_count: Option<u64>,
     /// Equality filters of the metrics API: `service`, `name` (a span name), `model`,
     /// `provider`, `feature`, `environment`, `prompt_name`, `prompt_version`,
-    /// `user_id`, `session_id`, `llm_kind`. Not for ScoreDrop.
+    /// `user_id`, `session_id`, `llm_kind`. ScoreDrop counts the scores of traces
+    /// with a span matching them (not `feature`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub filters: BTreeMap<String, String>,
 }
@@ -232,11 +233,8 @@ impl RuleSpec {
                 ));
             }
         }
-        if self.kind == AlertKind::ScoreDrop && !self.filters.is_empty() {
-            return Err(
-                "filters: ScoreDrop covers every score of its name; filters are not supported for it yet"
-                    .into(),
-            );
+        if self.kind == AlertKind::ScoreDrop && self.filters.contains_key("feature") {
+            return Err("filters: feature cannot filter scores (ScoreDrop)".into());
         }
         let min_cost = self.min_cost.unwrap_or(1.0);
         if !(min_cost >= 0.0 && min_cost.is_finite()) {
@@ -276,12 +274,14 @@ pub trait AlertData {
         params: &HashMap<String, String>,
     ) -> impl std::future::Future<Output = Result<MetricsResponse, String>> + Send;
     /// `GET /api/v1/scores/metrics` of score `name` over `[start_ns, end_ns)` in one
-    /// bucket of `step_ns`.
+    /// bucket of `step_ns`, of the traces matching `filters` (rule filter names:
+    /// `name` is a span name).
     fn score_metrics(
         &self,
         range: (i64, i64),
         step_ns: i64,
         name: &str,
+        filters: &BTreeMap<String, String>,
     ) -> impl std::future::Future<Output = Result<ScoreMetrics, String>> + Send;
 }
 
@@ -394,10 +394,10 @@ pub async fn evaluate(
         AlertKind::ScoreDrop => {
             let name = rule.score_name.as_deref().unwrap_or_default();
             let now = data
-                .score_metrics((start, end), ns(rule.window), name)
+                .score_metrics((start, end), ns(rule.window), name, &rule.filters)
                 .await?;
             let before = data
-                .score_metrics((base_start, start), ns(rule.baseline), name)
+                .score_metrics((base_start, start), ns(rule.baseline), name, &rule.filters)
                 .await?;
             let pick = |m: &ScoreMetrics| {
                 m.series
@@ -671,9 +671,21 @@ impl AlertData for EngineData<'_> {
         range: (i64, i64),
         step_ns: i64,
         name: &str,
+        filters: &BTreeMap<String, String>,
     ) -> Result<ScoreMetrics, String> {
+        let filters = crate::stats::parse_filters(
+            &filters
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )?;
         self.engine
-            .score_metrics(&self.tenant, (range.0, range.1, step_ns), Some(name))
+            .score_metrics(
+                &self.tenant,
+                (range.0, range.1, step_ns),
+                Some(name),
+                &filters,
+            )
             .await
             .map_err(|e| e.to_string())
     }
@@ -876,6 +888,7 @@ mod tests {
             range: (i64, i64),
             _step_ns: i64,
             name: &str,
+            _filters: &BTreeMap<String, String>,
         ) -> Result<ScoreMetrics, String> {
             let got = self.scores.lock().unwrap().get(&range.0).copied();
             Ok(serde_json::from_value(json!({

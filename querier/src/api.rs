@@ -597,9 +597,16 @@ async fn score_metrics(
         .get("name")
         .map(|v| v.trim())
         .filter(|v| !v.is_empty());
+    // `name` is the score's; a span name filters as `span_name`.
+    let mut span_params = params.clone();
+    span_params.remove("name");
+    if let Some(v) = span_params.remove("span_name") {
+        span_params.insert("name".into(), v);
+    }
+    let filters = crate::stats::parse_filters(&span_params).map_err(bad)?;
     let result = state
         .engine
-        .score_metrics(&tenant, (start_ns, end_ns, step_ns), name)
+        .score_metrics(&tenant, (start_ns, end_ns, step_ns), name, &filters)
         .await;
     state.observe("score_metrics", result.is_ok(), started);
     Ok(axum::Json(result?).into_response())

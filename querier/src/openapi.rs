@@ -121,7 +121,23 @@ fn params(names: &[&'static str]) -> Vec<(&'static str, &'static str)> {
 pub const SCORE_LIST_PARAMS: [&str; 7] = [
     "start", "end", "since", "trace_id", "name", "source", "limit",
 ];
-pub const SCORE_METRICS_PARAMS: [&str; 5] = ["start", "end", "since", "step", "name"];
+pub const SCORE_METRICS_PARAMS: [&str; 15] = [
+    "start",
+    "end",
+    "since",
+    "step",
+    "name",
+    "model",
+    "provider",
+    "service",
+    "span_name",
+    "llm_kind",
+    "user_id",
+    "session_id",
+    "prompt_name",
+    "prompt_version",
+    "environment",
+];
 pub const GROUP_PARAMS: [&str; 6] = ["start", "end", "since", "user_id", "order", "limit"];
 pub const SESSION_PARAMS: [&str; 4] = ["start", "end", "since", "limit"];
 

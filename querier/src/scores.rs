@@ -14,6 +14,11 @@ use crate::engine::{
     QueryEngine, QueryError, SCORES, check_range, floats, hex, ints, opt_f64, opt_str, run, strings,
 };
 use crate::model::rfc3339;
+use crate::stats::{Dimension, span_expr};
+
+/// How long before a filtered score range the scored traces may have started: a
+/// score comes after its trace (a judge minutes later, a human the next day).
+pub const SCORED_TRACE_LOOKBACK: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// One score, as the API returns it.
 #[derive(Clone, Debug, PartialEq, Serialize, schemars::JsonSchema, Deserialize)]
@@ -320,12 +325,56 @@ impl QueryEngine {
         views(&batches)
     }
 
+    /// The traces with a span that matches every filter and starts in `range`.
+    async fn traces_matching(
+        &self,
+        tenant: &TenantId,
+        range: (i64, i64),
+        filters: &[(Dimension, String)],
+    ) -> Result<Vec<[u8; 16]>, QueryError> {
+        let ctx = self.span_session(tenant, range).await?;
+        let mut params = vec![
+            ScalarValue::Int64(Some(range.0)),
+            ScalarValue::Int64(Some(range.1)),
+        ];
+        let mut conds = vec!["start_ns >= $1".to_owned(), "start_ns < $2".to_owned()];
+        for (d, v) in filters {
+            if *d == Dimension::Feature {
+                return Err(QueryError::BadRequest(
+                    "feature cannot filter scores; filter by service, name, model, prompt, user, session or environment".into(),
+                ));
+            }
+            params.push(ScalarValue::Utf8(Some(v.clone())));
+            conds.push(format!("{} = ${}", span_expr(*d, ""), params.len()));
+        }
+        let conds = conds.join(" AND ");
+        let sql = format!(
+            "SELECT DISTINCT trace_id FROM (SELECT trace_id FROM blocks WHERE {conds} \
+             UNION ALL SELECT trace_id FROM head WHERE {conds})"
+        );
+        let batches = run(&ctx, &sql, params).await?;
+        let mut out = Vec::new();
+        for b in &batches {
+            let ids = crate::engine::column(b, "trace_id")?.as_fixed_size_binary();
+            for r in 0..ids.len() {
+                if let Ok(id) = <[u8; 16]>::try_from(ids.value(r)) {
+                    out.push(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Score metrics per name over time buckets of scores created in the range.
+    /// With `filters` (the metrics API's, but `feature`), only scores of traces that
+    /// have a span matching them all, which started up to
+    /// [`SCORED_TRACE_LOOKBACK`] before the range.
     pub async fn score_metrics(
         &self,
         tenant: &TenantId,
         (start_ns, end_ns, step_ns): (i64, i64, i64),
         name: Option<&str>,
+        filters: &[(Dimension, String)],
     ) -> Result<ScoreMetrics, QueryError> {
         check_range(start_ns, end_ns)?;
         let ctx = self.score_session(tenant)?;
@@ -334,13 +383,37 @@ impl QueryEngine {
             ScalarValue::Int64(Some(end_ns)),
             ScalarValue::Int64(Some(step_ns)),
         ];
-        let name_cond = match name {
+        let mut name_cond = match name {
             Some(n) => {
                 params.push(ScalarValue::Utf8(Some(n.to_owned())));
-                " AND name = $4"
+                " AND name = $4".to_owned()
             }
-            None => "",
+            None => String::new(),
         };
+        if !filters.is_empty() {
+            let lookback = SCORED_TRACE_LOOKBACK.as_nanos() as i64;
+            let ids = self
+                .traces_matching(tenant, (start_ns.saturating_sub(lookback), end_ns), filters)
+                .await?;
+            let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(vec![
+                arrow::datatypes::Field::new(
+                    "wanted_id",
+                    arrow::datatypes::DataType::FixedSizeBinary(16),
+                    false,
+                ),
+            ]));
+            let array = arrow::array::FixedSizeBinaryArray::try_from_iter(ids.iter())
+                .unwrap_or_else(|_| arrow::array::FixedSizeBinaryArray::new_null(16, 0));
+            let batch = RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(array)])?;
+            ctx.register_table(
+                "wanted",
+                std::sync::Arc::new(datafusion::datasource::MemTable::try_new(
+                    schema,
+                    vec![vec![batch]],
+                )?),
+            )?;
+            name_cond.push_str(" AND trace_id IN (SELECT wanted_id FROM wanted)");
+        }
         // Labels are counted for categorical and boolean scores only.
         let sql = format!(
             "SELECT bucket, name, data_type, label, count(*) AS n, avg(value) AS avg, \

@@ -261,6 +261,44 @@ pub const METRICS_PARAMS: [&str; 19] = [
     "environment",
 ];
 
+/// The equality filters of a metrics query (`model=`, `service=`, …), in a fixed
+/// order; the caller checks for unknown parameters.
+pub fn parse_filters(p: &HashMap<String, String>) -> Result<Vec<(Dimension, String)>, String> {
+    let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+    let mut filters = Vec::new();
+    for (key, dim) in [
+        ("model", Dimension::Model),
+        ("provider", Dimension::Provider),
+        ("service", Dimension::Service),
+        ("name", Dimension::Name),
+        ("llm_kind", Dimension::LlmKind),
+        ("user_id", Dimension::User),
+        ("session_id", Dimension::Session),
+        ("prompt_name", Dimension::PromptName),
+        ("prompt_version", Dimension::PromptVersion),
+        ("environment", Dimension::Environment),
+        ("feature", Dimension::Feature),
+    ] {
+        if let Some(v) = get(key) {
+            let v = if dim == Dimension::LlmKind {
+                LlmKind::parse(v)
+                    .ok_or_else(|| {
+                        format!(
+                            "llm_kind {v:?} is not one of {}",
+                            LlmKind::ALL.map(|k| k.as_str()).join(", ")
+                        )
+                    })?
+                    .as_str()
+                    .to_owned()
+            } else {
+                v.to_owned()
+            };
+            filters.push((dim, v));
+        }
+    }
+    Ok(filters)
+}
+
 /// Parses a metrics query. `range` parses start/end/since the way searches do.
 pub fn parse_metrics(
     p: &HashMap<String, String>,
@@ -293,37 +331,7 @@ pub fn parse_metrics(
             }
         }
     }
-    let mut filters = Vec::new();
-    for (key, dim) in [
-        ("model", Dimension::Model),
-        ("provider", Dimension::Provider),
-        ("service", Dimension::Service),
-        ("name", Dimension::Name),
-        ("llm_kind", Dimension::LlmKind),
-        ("user_id", Dimension::User),
-        ("session_id", Dimension::Session),
-        ("prompt_name", Dimension::PromptName),
-        ("prompt_version", Dimension::PromptVersion),
-        ("environment", Dimension::Environment),
-        ("feature", Dimension::Feature),
-    ] {
-        if let Some(v) = get(key) {
-            let v = if dim == Dimension::LlmKind {
-                LlmKind::parse(v)
-                    .ok_or_else(|| {
-                        format!(
-                            "llm_kind {v:?} is not one of {}",
-                            LlmKind::ALL.map(|k| k.as_str()).join(", ")
-                        )
-                    })?
-                    .as_str()
-                    .to_owned()
-            } else {
-                v.to_owned()
-            };
-            filters.push((dim, v));
-        }
-    }
+    let filters = parse_filters(p)?;
     let span_needed = group_by.iter().any(|d| d.span_only())
         || filters.iter().any(|(d, _)| *d == Dimension::LlmKind);
     let level = match get("level") {
@@ -419,7 +427,7 @@ fn humantime_fmt(d: Duration) -> String {
 
 /// The SQL expression of a dimension over one span row; `p` prefixes columns
 /// (`s.` inside a join). The feature is the `feature` column of the `spans` CTE.
-fn span_expr(d: Dimension, p: &str) -> String {
+pub(crate) fn span_expr(d: Dimension, p: &str) -> String {
     match d {
         Dimension::Model => format!("coalesce({p}response_model, {p}request_model)"),
         Dimension::Provider => format!("{p}provider"),

@@ -23,15 +23,19 @@ fn loupe(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// 40 `chat` traces of ~900 ms, 4 of them failed; 25 faithfulness scores averaging
-/// 0.496 now (13 × 0.4, 12 × 0.6) and 25 of 0.9 two days ago.
+/// 40 `chat` traces of ~900 ms, 4 of them failed, prompt v7 and v6 in turn; 25
+/// faithfulness scores averaging 0.496 now (0.4 on the 13 v7 traces, 0.6 on the 12
+/// v6 ones) and 25 of 0.9 two days ago.
 async fn traffic(loupe: &Loupe) {
     let mut client = loupe.grpc_client().await;
     let mut ids = Vec::new();
     for i in 0..40 {
         let (t, mut req) = simple_trace("chat", "u-1");
+        let llm = &mut req.resource_spans[0].scope_spans[0].spans[1];
+        let version = if i % 2 == 0 { "v7" } else { "v6" };
+        llm.attributes
+            .push(kv("llm.prompt_template.version", version));
         if i % 10 == 0 {
-            let llm = &mut req.resource_spans[0].scope_spans[0].spans[1];
             llm.status = Some(Status {
                 code: 2,
                 message: "rate limited".into(),
@@ -287,6 +291,71 @@ async fn gate_passes_and_fails_with_exit_codes_and_a_table() {
     ]);
     assert_eq!(code, 1);
     assert!(out.contains("only 0 requests, at least 1 needed"), "{out}");
+
+    // Scores of the traces with a matching span: v7 scored 0.4, v6 0.6.
+    let (status, m) = standalone
+        .get("/api/v1/scores/metrics?since=1h&step=1h&name=faithfulness&prompt_version=v7")
+        .await;
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["series"][0]["count"], 13, "{m}");
+    assert!(
+        (m["series"][0]["avg"].as_f64().unwrap() - 0.4).abs() < 1e-9,
+        "{m}"
+    );
+    let (_, m) = standalone
+        .get("/api/v1/scores/metrics?since=1h&step=1h&name=faithfulness&span_name=llm.chat")
+        .await;
+    assert_eq!(m["series"][0]["count"], 25, "{m}");
+    let (code, out, _) = loupe(&[
+        "gate",
+        "--url",
+        url,
+        "--score",
+        "faithfulness",
+        "--filter",
+        "prompt_version=v6",
+        "--min",
+        "0.55",
+        "--min-count",
+        "10",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    // v7 against v6: a third lower, over the 5 % allowed.
+    let compare = [
+        "gate",
+        "--url",
+        url,
+        "--score",
+        "faithfulness",
+        "--compare",
+        "prompt_version=v7",
+        "--against",
+        "prompt_version=v6",
+        "--max-drop",
+        "5%",
+        "--min-count",
+        "10",
+    ];
+    let (code, out, _) = loupe(&compare);
+    assert_eq!(code, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("v7 vs prompt_version=v6"))
+        .unwrap();
+    assert!(
+        line.contains("0.3333")
+            && line.contains("FAIL")
+            && line.contains("0.400 over 13 scores vs 0.600 over 12"),
+        "{out}"
+    );
+    // The other way round it is an improvement.
+    let swapped = compare.map(|a| match a {
+        "prompt_version=v7" => "prompt_version=v6",
+        "prompt_version=v6" => "prompt_version=v7",
+        other => other,
+    });
+    let (code, out, _) = loupe(&swapped);
+    assert_eq!(code, 0, "{out}");
 
     // Bad bounds are refused with the reason.
     let (code, _, err) = loupe(&["gate", "--url", url, "--max-error-rate", "150%"]);
