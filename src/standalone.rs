@@ -62,6 +62,17 @@ pub struct Args {
     /// enforces retention, carries out deletion requests).
     #[arg(long, env = "LOUPE_COMPACT_INTERVAL", default_value = "5m", value_parser = parse_duration)]
     pub compact_interval: Duration,
+    /// Alert rules to evaluate (YAML, as for `loupe alerts check`, with `notify:`
+    /// targets); rules without `project` watch the default project.
+    #[arg(long, env = "LOUPE_ALERT_RULES")]
+    pub alert_rules: Option<PathBuf>,
+    /// Time between evaluations of the alert rules.
+    #[arg(long, env = "LOUPE_ALERT_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub alert_interval: Duration,
+    /// The URL people reach the query API at, for the links in notifications
+    /// (default: the query address).
+    #[arg(long, env = "LOUPE_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// How long blocks the compactor replaced stay readable before deletion.
     #[arg(long, default_value = "30s", value_parser = parse_duration, hide = true)]
     pub compaction_grace: Duration,
@@ -152,15 +163,63 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
     });
-    let query_router = loupe_querier::api::router(engine, access.control.clone(), query_metrics)
-        .merge(crate::server::ops_router(registry));
+    // Alert rules are read (and refused when wrong) before anything listens.
+    let alert_rules = match &args.alert_rules {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the alert rules {}", path.display()))?;
+            let rules = loupe_querier::alert_runner::load_rules(&text, &TenantId::default_tenant())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            Some(rules)
+        }
+        None => None,
+    };
 
     let (grpc_listener, grpc_local) = bind(args.grpc_addr, "OTLP/gRPC").await?;
     let (http_listener, http_local) = bind(args.http_addr, "OTLP/HTTP").await?;
     let (query_listener, query_local) = bind(args.query_addr, "the query API").await?;
 
+    let (alert_states, alert_runner) = match alert_rules {
+        Some(rules) => {
+            let count = rules.len();
+            let base = args
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{query_local}"));
+            let runner = loupe_querier::alert_runner::AlertRunner::new(
+                rules,
+                loupe_querier::notify::Notifier::new(args.alert_interval),
+                &base,
+            );
+            tracing::info!(rules = count, interval = ?args.alert_interval, "evaluating alert rules");
+            (Some(runner.states()), Some(runner))
+        }
+        None => (None, None),
+    };
+    let query_router = loupe_querier::api::router_with_alerts(
+        engine.clone(),
+        access.control.clone(),
+        query_metrics,
+        alert_states,
+    )
+    .merge(crate::server::ops_router(registry));
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let compaction = tokio::spawn(compactor.run(args.compact_interval, stop_rx.clone()));
+    if let Some(runner) = alert_runner {
+        let engine = engine.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(runner.run(
+            move |tenant: &TenantId| loupe_querier::alerts::EngineData {
+                engine: engine.clone(),
+                tenant: tenant.clone(),
+            },
+            args.alert_interval,
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        ));
+    }
     let servers = [
         serve(
             grpc_listener,

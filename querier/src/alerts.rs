@@ -301,6 +301,40 @@ pub struct Evaluation {
     /// The evaluated window, Unix nanoseconds.
     pub start_ns: i64,
     pub end_ns: i64,
+    /// Search parameters (`GET /api/v1/traces`) that list the traces behind the value
+    /// in the window: the failed, slow, costly or low-scored ones.
+    pub traces_query: Vec<(String, String)>,
+}
+
+/// Filters a trace search takes (the others narrow metrics only).
+const SEARCH_FILTERS: [&str; 8] = [
+    "service",
+    "name",
+    "model",
+    "llm_kind",
+    "user_id",
+    "session_id",
+    "prompt_name",
+    "prompt_version",
+];
+
+impl Evaluation {
+    /// `GET /api/v1/traces?…` for the traces behind this evaluation of `rule`.
+    pub fn traces_path(&self, rule: &Rule) -> String {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("start", &(self.start_ns / 1_000_000_000).to_string());
+        q.append_pair("end", &(self.end_ns / 1_000_000_000).to_string());
+        for (k, v) in &rule.filters {
+            if SEARCH_FILTERS.contains(&k.as_str()) {
+                q.append_pair(k, v);
+            }
+        }
+        for (k, v) in &self.traces_query {
+            q.append_pair(k, v);
+        }
+        q.append_pair("limit", "50");
+        format!("/api/v1/traces?{}", q.finish())
+    }
 }
 
 /// Unit of a kind's value, for display.
@@ -360,6 +394,7 @@ pub async fn evaluate(
         summary: String::new(),
         start_ns: start,
         end_ns: end,
+        traces_query: Vec::new(),
     };
     match rule.kind {
         AlertKind::CostSpike => {
@@ -380,6 +415,12 @@ pub async fn evaluate(
             }
             let ratio = cost / average;
             eval.value = Some(ratio);
+            // The traces costlier than the window's average one.
+            let traces = total(&now).map_or(0.0, |s| s.estimated.requests);
+            if traces > 0.0 {
+                eval.traces_query
+                    .push(("min_cost".into(), format!("{:.6}", cost / traces)));
+            }
             eval.breached = ratio > t && cost >= rule.min_cost;
             eval.clear = ratio < t * (1.0 - HYSTERESIS) || cost < rule.min_cost;
             eval.summary = format!(
@@ -422,6 +463,9 @@ pub async fn evaluate(
             }
             let drop = (base_avg - avg) / base_avg.abs();
             eval.value = Some(drop);
+            // The traces scored below the window's average.
+            eval.traces_query
+                .push(("score".into(), format!("{name}<{avg:.6}")));
             eval.breached = drop > t;
             eval.clear = drop < t * (1.0 - HYSTERESIS);
             eval.summary = format!(
@@ -455,6 +499,8 @@ pub async fn evaluate(
             };
             eval.value = Some(v);
             eval.breached = v > t && requests >= rule.min_count;
+            eval.traces_query
+                .push(("min_duration".into(), format!("{}ms", t.round())));
             eval.clear = v < t * (1.0 - HYSTERESIS);
             eval.summary = format!(
                 "p{} {level} latency {v:.0} ms over {requests} {level}s in {window_text} (threshold {t:.0} ms)",
@@ -474,6 +520,7 @@ pub async fn evaluate(
             }
             let rate = errors as f64 / requests as f64;
             eval.value = Some(rate);
+            eval.traces_query.push(("status".into(), "error".into()));
             // The minimum volume counts every request, sampled out or not.
             let enough = estimated.max(requests as f64) >= rule.min_count as f64;
             eval.breached = rate > t && enough;
@@ -602,6 +649,12 @@ pub struct NamedRule {
     pub project: Option<String>,
     #[serde(flatten)]
     pub spec: RuleSpec,
+    /// Where notifications go.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<crate::notify::Target>,
+    /// `notify`, validated.
+    #[serde(skip)]
+    pub sinks: Vec<crate::notify::Sink>,
 }
 
 #[derive(Deserialize)]
@@ -626,6 +679,23 @@ impl RulesFile {
             let name = text_field(fields.remove("name"), "name")?
                 .ok_or_else(|| format!("rules[{i}]: every rule needs a name"))?;
             let project = text_field(fields.remove("project"), "project")?;
+            if let Some(p) = &project {
+                p.parse::<loupe_core::TenantId>()
+                    .map_err(|e| format!("rules[{i}] ({name}): project: {e}"))?;
+            }
+            let notify: Vec<crate::notify::Target> = match fields.remove("notify") {
+                None => Vec::new(),
+                Some(v) => serde_json::from_value(v)
+                    .map_err(|e| format!("rules[{i}] ({name}): notify: {e}"))?,
+            };
+            let sinks = notify
+                .iter()
+                .enumerate()
+                .map(|(j, t)| {
+                    t.validate()
+                        .map_err(|e| format!("rules[{i}] ({name}): notify[{j}]: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
             if !names.insert(name.clone()) {
                 return Err(format!("rules[{i}]: the name {name:?} is used twice"));
             }
@@ -639,6 +709,8 @@ impl RulesFile {
                     name,
                     project,
                     spec,
+                    notify,
+                    sinks,
                 },
                 rule,
             ));
@@ -648,12 +720,12 @@ impl RulesFile {
 }
 
 /// [`AlertData`] from the query engine in process (standalone), for one tenant.
-pub struct EngineData<'a> {
-    pub engine: &'a crate::QueryEngine,
+pub struct EngineData {
+    pub engine: std::sync::Arc<crate::QueryEngine>,
     pub tenant: loupe_core::TenantId,
 }
 
-impl AlertData for EngineData<'_> {
+impl AlertData for EngineData {
     async fn metrics(
         &self,
         range: (i64, i64),
@@ -771,6 +843,7 @@ mod tests {
             summary: String::new(),
             start_ns: 0,
             end_ns: 0,
+            traces_query: Vec::new(),
         }
     }
 

@@ -53,10 +53,22 @@ struct ApiState {
     engine: Arc<QueryEngine>,
     auth: Arc<AccessControl>,
     metrics: QueryMetrics,
+    alerts: Option<crate::alert_runner::SharedStates>,
 }
 
 /// The query API routes. Every request reads the tenant of its query key.
 pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: QueryMetrics) -> Router {
+    router_with_alerts(engine, auth, metrics, None)
+}
+
+/// [`router`], with the states of the alert rules this process evaluates (served at
+/// `/api/v1/alerts`, each project seeing its own).
+pub fn router_with_alerts(
+    engine: Arc<QueryEngine>,
+    auth: Arc<AccessControl>,
+    metrics: QueryMetrics,
+    alerts: Option<crate::alert_runner::SharedStates>,
+) -> Router {
     Router::new()
         // Grafana's Tempo data source (see `crate::tempo`).
         .route("/api/echo", get(tempo_echo))
@@ -102,12 +114,39 @@ pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: Query
         )
         .route("/api/v1/scores", get(list_scores))
         .route("/api/v1/scores/metrics", get(score_metrics))
+        .route("/api/v1/alerts", get(list_alerts))
         .route("/api/v1/openapi.json", get(openapi))
         .with_state(Arc::new(ApiState {
             engine,
             auth,
             metrics,
+            alerts,
         }))
+}
+
+/// The alert rules of the caller's project and their states.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct AlertList {
+    /// Whether this process evaluates alert rules (`loupe standalone --alert-rules`);
+    /// on Kubernetes AlertRules show their state in their status instead.
+    pub evaluated: bool,
+    pub alerts: Vec<crate::alert_runner::RuleState>,
+}
+
+async fn list_alerts(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers)?;
+    let list = AlertList {
+        evaluated: state.alerts.is_some(),
+        alerts: state
+            .alerts
+            .as_ref()
+            .map(|a| crate::alert_runner::states_of(a, &tenant))
+            .unwrap_or_default(),
+    };
+    Ok(axum::Json(list).into_response())
 }
 
 #[derive(Serialize)]

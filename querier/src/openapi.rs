@@ -185,6 +185,14 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
         },
         Operation {
             method: "get",
+            path: "/api/v1/alerts",
+            summary: "The project's alert rules and their states (those this process evaluates)",
+            params: vec![],
+            path_params: &[],
+            response: s(g.subschema_for::<crate::api::AlertList>()),
+        },
+        Operation {
+            method: "get",
             path: "/api/v1/deletions",
             summary: "The project's deletion requests, newest first, pending or completed",
             params: vec![],

@@ -365,3 +365,234 @@ async fn gate_passes_and_fails_with_exit_codes_and_a_table() {
     assert_ne!(code, 0);
     assert!(err.contains("nothing to check"), "{err}");
 }
+
+/// A real Alertmanager on a free loopback port, stopped on drop.
+struct Alertmanager {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn alertmanager() -> Alertmanager {
+    let bin = std::env::var("LOUPE_TEST_ALERTMANAGER")
+        .ok()
+        .or_else(|| {
+            let p = std::path::Path::new("/usr/bin/prometheus-alertmanager");
+            p.exists().then(|| p.display().to_string())
+        })
+        .expect("Alertmanager is needed: run scripts/test.sh (it installs Debian's prometheus-alertmanager)");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("alertmanager.yml");
+    std::fs::write(
+        &config,
+        "route:\n  receiver: none\nreceivers:\n  - name: none\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(bin)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let am = Alertmanager {
+        child,
+        url: url.clone(),
+        _dir: dir,
+    };
+    eventually(Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let r = reqwest::get(format!("{url}/-/ready"))
+                .await
+                .map_err(|e| e.to_string())?;
+            r.status()
+                .is_success()
+                .then_some(())
+                .ok_or("not ready".to_owned())
+        }
+    })
+    .await;
+    am
+}
+
+/// What a webhook receiver was sent: (path, JSON body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Value)>>>;
+
+async fn receiver() -> (String, Received) {
+    let got: Received = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/{*path}",
+            axum::routing::post(
+                |axum::extract::State(got): axum::extract::State<Received>,
+                 uri: axum::http::Uri,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    got.lock().unwrap().push((uri.path().to_owned(), body));
+                    "ok"
+                },
+            ),
+        )
+        .with_state(got.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), got)
+}
+
+#[tokio::test]
+async fn standalone_evaluates_its_rules_and_notifies_alertmanager_and_webhooks() {
+    let am = alertmanager().await;
+    let (hooks, got) = receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n\
+             - name: chat-errors\n  kind: error_rate\n  window: 10m\n  threshold: 0.05\n  minCount: 10\n  filters: {{ service: chat }}\n  notify:\n\
+             \x20 - webhook: {{ url: '{hooks}/hook' }}\n\
+             \x20 - slack: {{ url: '{hooks}/services/T0/B0/secret' }}\n\
+             \x20 - alertmanager: {{ url: '{}' }}\n\
+             - name: chat-p99\n  kind: latency_percentile\n  percentile: 99\n  window: 10m\n  threshold: 10000\n",
+            am.url
+        ),
+    )
+    .unwrap();
+    let standalone = Loupe::start(
+        dir.path(),
+        &[
+            "--alert-rules",
+            rules.to_str().unwrap(),
+            "--alert-interval",
+            "1s",
+            "--public-url",
+            "http://loupe.example:3000",
+        ],
+    );
+    traffic(&standalone).await;
+
+    // The state, through the query API.
+    let alerts = eventually(Duration::from_secs(20), || async {
+        let (status, v) = standalone.get("/api/v1/alerts").await;
+        let firing = status == 200 && v["alerts"][0]["state"] == "Firing";
+        let sent = v["alerts"][0]["targets"]
+            .as_array()
+            .is_some_and(|t| t.iter().all(|t| t["last_sent"].is_string()));
+        (firing && sent).then_some(v.clone()).ok_or(format!("{v}"))
+    })
+    .await;
+    assert_eq!(alerts["evaluated"], true);
+    let errors = &alerts["alerts"][0];
+    assert_eq!(errors["value_text"], "10.00 %");
+    assert!(
+        errors["traces"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://loupe.example:3000/api/v1/traces?start="),
+        "{errors}"
+    );
+    assert_eq!(alerts["alerts"][1]["name"], "chat-p99");
+    assert_eq!(alerts["alerts"][1]["state"], "Inactive");
+
+    // The link lists the failed traces: 4 of them.
+    let path = errors["traces"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://loupe.example:3000");
+    let (_, listed) = standalone.get(path).await;
+    assert_eq!(listed["traces"].as_array().unwrap().len(), 4, "{listed}");
+
+    // Alertmanager holds the alert, with its labels and link.
+    let held: Value = reqwest::get(format!("{}/api/v2/alerts", am.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alert = held
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "chat-errors")
+        .unwrap_or_else(|| panic!("{held}"));
+    assert_eq!(alert["labels"]["project"], "default/default");
+    assert_eq!(alert["status"]["state"], "active");
+    assert!(
+        alert["generatorURL"]
+            .as_str()
+            .unwrap()
+            .contains("status=error")
+    );
+
+    // The webhook and the Slack-compatible hook, once each (no repeats while firing).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let sent = got.lock().unwrap().clone();
+    let hook: Vec<_> = sent.iter().filter(|(p, _)| p == "/hook").collect();
+    assert_eq!(hook.len(), 1, "{sent:?}");
+    assert_eq!(hook[0].1["state"], "firing");
+    assert_eq!(hook[0].1["rule"], "chat-errors");
+    let slack: Vec<_> = sent
+        .iter()
+        .filter(|(p, _)| p.starts_with("/services"))
+        .collect();
+    assert_eq!(slack.len(), 1);
+    let text = slack[0].1["text"].as_str().unwrap();
+    assert!(
+        text.starts_with(":rotating_light: *[FIRING] chat-errors* (default/default, error_rate)"),
+        "{text}"
+    );
+    assert!(text.contains("4 of 40 requests failed in 10m"), "{text}");
+    // No notification URL (the Slack one is a secret) reaches the log.
+    assert!(
+        !standalone.log().contains("secret"),
+        "the Slack URL leaked into the log"
+    );
+}
+
+#[test]
+fn standalone_refuses_a_bad_rules_file_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n- name: x\n  kind: error_rate\n  window: 10m\n  threshold: 0.05\n  notify:\n  - webhook: { url: 'ftp://example' }\n",
+    )
+    .unwrap();
+    let (code, _, err) = loupe(&[
+        "standalone",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--alert-rules",
+        rules.to_str().unwrap(),
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--query-addr",
+        "127.0.0.1:0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("rules[0] (x): notify[0]: url \"ftp://example\": must be http or https"),
+        "{err}"
+    );
+}

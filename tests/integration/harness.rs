@@ -13,6 +13,11 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 use serde_json::Value;
 
+/// Installs the process's TLS provider for reqwest (once; later calls do nothing).
+pub fn tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Runs `loupe <args>` to completion with extra environment and returns its stdout;
 /// fails the test with its stderr when it fails.
 pub fn loupe_ok_env(args: &[&str], env: &[(&str, &str)]) -> String {
@@ -94,6 +99,7 @@ impl Loupe {
     /// waits until it has printed an address line for every name in `wanted`
     /// (`otlp-grpc`, `otlp-http`, `query-api`, `metrics`).
     pub fn spawn(args: &[String], log_dir: &Path, env: &[(&str, &str)], wanted: &[&str]) -> Loupe {
+        tls();
         std::fs::create_dir_all(log_dir).unwrap();
         let log = log_dir.join(format!(
             "loupe-{}-{}.log",

@@ -22,6 +22,7 @@ struct S3Server {
 
 impl S3Server {
     async fn start() -> S3Server {
+        tls();
         let python = std::env::var_os("LOUPE_TEST_PYTHON")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
