@@ -6,12 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use loupe_querier::alerts::{
-    AlertData, AlertState, AlertStatus, RulesFile, advance, evaluate, format_value,
+    AlertData, AlertState, AlertStatus, HttpData, RulesFile, advance, evaluate, format_value,
 };
-use loupe_querier::scores::ScoreMetrics;
-use loupe_querier::stats::MetricsResponse;
-
-use crate::traces_cmd::get_json;
 
 /// Where the numbers come from.
 #[derive(clap::Args, Clone)]
@@ -22,70 +18,6 @@ pub struct Source {
     /// The project's query key; not needed while the server lists no keys.
     #[arg(long, env = "LOUPE_QUERY_KEY", hide_env_values = true)]
     key: Option<String>,
-}
-
-/// [`AlertData`] over a querier's HTTP API.
-struct HttpData {
-    base: String,
-    key: Option<String>,
-}
-
-impl HttpData {
-    fn new(s: &Source) -> HttpData {
-        HttpData {
-            base: s.url.trim_end_matches('/').to_owned(),
-            key: s.key.clone(),
-        }
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        query: Vec<(&str, String)>,
-    ) -> Result<T, String> {
-        let url = format!("{}{path}", self.base);
-        let body = get_json(&url, self.key.as_deref(), &query)
-            .await
-            .map_err(|e| format!("{e:#}"))?;
-        serde_json::from_str(&body).map_err(|e| format!("unexpected answer from {url}: {e}"))
-    }
-}
-
-fn secs(ns: i64) -> String {
-    (ns / 1_000_000_000).to_string()
-}
-
-impl AlertData for HttpData {
-    async fn metrics(
-        &self,
-        range: (i64, i64),
-        params: &HashMap<String, String>,
-    ) -> Result<MetricsResponse, String> {
-        let mut query = vec![("start", secs(range.0)), ("end", secs(range.1))];
-        query.extend(params.iter().map(|(k, v)| (k.as_str(), v.clone())));
-        self.get("/api/v1/metrics", query).await
-    }
-
-    async fn score_metrics(
-        &self,
-        range: (i64, i64),
-        step_ns: i64,
-        name: &str,
-        filters: &BTreeMap<String, String>,
-    ) -> Result<ScoreMetrics, String> {
-        let mut query = vec![
-            ("start", secs(range.0)),
-            ("end", secs(range.1)),
-            ("step", format!("{}s", (step_ns / 1_000_000_000).max(1))),
-            ("name", name.to_owned()),
-        ];
-        // The score API's `name` is the score's: a span name goes as `span_name`.
-        for (k, v) in filters {
-            let k = if k == "name" { "span_name" } else { k.as_str() };
-            query.push((k, v.clone()));
-        }
-        self.get("/api/v1/scores/metrics", query).await
-    }
 }
 
 fn now_ns() -> i64 {
@@ -120,7 +52,7 @@ pub async fn run_alerts(cmd: Alerts) -> anyhow::Result<()> {
         std::fs::read_to_string(&rules).with_context(|| format!("reading {}", rules.display()))?;
     let parsed =
         RulesFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rules.display()))?;
-    let data = HttpData::new(&source);
+    let data = HttpData::new(&source.url, source.key.clone());
     let now = now_ns();
     let mut rows = Vec::new();
     let mut failed = 0;
@@ -364,7 +296,7 @@ pub async fn run_gate(args: GateArgs) -> anyhow::Result<()> {
         );
     }
 
-    let data = HttpData::new(&args.source);
+    let data = HttpData::new(&args.source.url, args.source.key.clone());
     let end = loupe_querier::alerts::whole_seconds_after(now_ns());
     let start = end - since.as_nanos() as i64;
     let mut checks = Vec::new();

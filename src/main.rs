@@ -105,6 +105,13 @@ mod operator_cmd {
         /// This replica's identity in the Lease.
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// Query API that AlertRules are evaluated against, instead of each
+        /// platform's querier Service (for an operator running outside the cluster).
+        #[arg(long, env = "LOUPE_OPERATOR_QUERY_URL")]
+        query_url: Option<String>,
+        /// Time between evaluations of each AlertRule.
+        #[arg(long, default_value = "1m", value_parser = crate::server::parse_duration)]
+        alert_interval: std::time::Duration,
     }
 
     pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -127,6 +134,8 @@ mod operator_cmd {
                 lease_namespace: args.lease_namespace,
                 lease_name: args.lease_name,
                 identity,
+                query_url: args.query_url,
+                alert_interval: args.alert_interval,
             },
             metrics,
         )

@@ -122,7 +122,7 @@ impl SearchArgs {
     }
 }
 
-pub(crate) async fn get_json(
+async fn get_json(
     url: &str,
     key: Option<&str>,
     query: &[(&str, String)],

@@ -24,8 +24,9 @@ use serde_json::json;
 
 use crate::FIELD_MANAGER;
 use crate::crd::{
-    AlertKind, AlertRule, AlertRuleStatus, DeletionPolicy, SamplingPolicy, SamplingPolicyStatus,
-    TracePlatform, TracePlatformStatus, TraceProject, TraceProjectStatus, parse_duration,
+    AlertKind, AlertRule, AlertRuleStatus, DeletionPolicy, NotificationTarget, SamplingPolicy,
+    SamplingPolicyStatus, TargetStatus, TracePlatform, TracePlatformStatus, TraceProject,
+    TraceProjectStatus,
 };
 use crate::kafka::{KafkaTarget, TopicAdmin, TopicOutcome};
 use crate::render::{self, Role};
@@ -56,6 +57,16 @@ pub struct Context {
     pub topics: Arc<dyn TopicAdmin>,
     pub reporter: Reporter,
     pub metrics: crate::metrics::Metrics,
+    pub alerts: AlertSettings,
+}
+
+/// How AlertRules are evaluated.
+pub struct AlertSettings {
+    /// Query API to use instead of each platform's querier Service.
+    pub query_url: Option<String>,
+    /// Time between evaluations of a rule.
+    pub interval: Duration,
+    pub notifier: loupe_querier::notify::Notifier,
 }
 
 impl Context {
@@ -835,33 +846,159 @@ pub async fn reconcile_policy(
 
 /// Checks what the schema cannot: durations parse and the baseline is longer than
 /// the window.
-pub fn validate_alert(rule: &AlertRule) -> Result<(), String> {
+/// The evaluator's rule for an AlertRule spec (its checks name the field).
+pub fn alert_rule_spec(rule: &AlertRule) -> loupe_querier::alerts::RuleSpec {
+    use loupe_querier::alerts::AlertKind as K;
     let s = &rule.spec;
-    let window = parse_duration("window", &s.window)?;
-    if let Some(b) = &s.baseline {
-        let baseline = parse_duration("baseline", b)?;
-        if baseline <= window {
-            return Err(format!(
-                "baseline {b} must be longer than window {}",
-                s.window
-            ));
-        }
-    } else if matches!(s.kind, AlertKind::CostSpike | AlertKind::ScoreDrop) {
-        // The default baseline (7d) must still exceed the window.
-        if window >= Duration::from_secs(7 * 86_400) {
-            return Err(format!(
-                "window {} must be shorter than the default baseline of 7d",
-                s.window
-            ));
-        }
+    loupe_querier::alerts::RuleSpec {
+        kind: match s.kind {
+            AlertKind::CostSpike => K::CostSpike,
+            AlertKind::ScoreDrop => K::ScoreDrop,
+            AlertKind::LatencyPercentile => K::LatencyPercentile,
+            AlertKind::ErrorRate => K::ErrorRate,
+        },
+        window: s.window.clone(),
+        baseline: s.baseline.clone(),
+        threshold: s.threshold,
+        for_duration: s.for_duration.clone(),
+        resolve_after: s.resolve_after.clone(),
+        score_name: s.score_name.clone(),
+        percentile: s.percentile,
+        level: s.level,
+        min_cost: s.min_cost,
+        min_count: s.min_count,
+        filters: s.filters.clone(),
     }
-    if let Some(f) = &s.for_duration {
-        parse_duration("for", f)?;
+}
+
+/// Checks a rule as the evaluator will read it.
+pub fn validate_alert(rule: &AlertRule) -> Result<loupe_querier::alerts::Rule, String> {
+    alert_rule_spec(rule).validate()
+}
+
+fn rfc3339_ns(ns: i64) -> String {
+    Timestamp::from_nanosecond(i128::from(ns))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn ns_of(text: Option<&str>) -> Option<i64> {
+    text?
+        .parse::<Timestamp>()
+        .ok()
+        .and_then(|t| i64::try_from(t.as_nanosecond()).ok())
+}
+
+/// The evaluator's state kept in an AlertRule's status.
+fn alert_status_of(old: &AlertRuleStatus) -> loupe_querier::alerts::AlertStatus {
+    use loupe_querier::alerts::AlertState as S;
+    loupe_querier::alerts::AlertStatus {
+        state: match old.state.as_deref() {
+            Some("Pending") => S::Pending,
+            Some("Firing") => S::Firing,
+            Some("Resolved") => S::Resolved,
+            _ => S::Inactive,
+        },
+        since_ns: ns_of(old.since.as_deref()).unwrap_or(0),
+        clear_since_ns: ns_of(old.clear_since.as_deref()),
+        value: old.value,
+        last_evaluation_ns: ns_of(old.last_evaluation.as_deref()).unwrap_or(0),
+        last_error: old.last_error.clone(),
     }
-    Ok(())
+}
+
+/// Resolves a target's URL (inline or from a Secret of the rule's namespace).
+async fn target_sink(
+    client: &Client,
+    ns: &str,
+    t: &NotificationTarget,
+) -> Result<loupe_querier::notify::Sink, String> {
+    use loupe_querier::notify::{Target, UrlTarget};
+    let url = async |u: &Option<crate::crd::UrlTarget>| -> Result<Option<UrlTarget>, String> {
+        let Some(u) = u else { return Ok(None) };
+        if let Some(url) = &u.url {
+            return Ok(Some(UrlTarget { url: url.clone() }));
+        }
+        let Some(from) = &u.url_from else {
+            return Err("set either url or urlFrom".into());
+        };
+        let secret = Api::<Secret>::namespaced(client.clone(), ns)
+            .get_opt(&from.name)
+            .await
+            .map_err(|e| format!("reading Secret {ns}/{}: {e}", from.name))?
+            .ok_or_else(|| format!("Secret {ns}/{} does not exist", from.name))?;
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&from.key))
+            .ok_or_else(|| format!("Secret {ns}/{} has no key {}", from.name, from.key))?;
+        let text = String::from_utf8(bytes.0.clone())
+            .map_err(|_| format!("Secret {ns}/{} key {} is not text", from.name, from.key))?;
+        Ok(Some(UrlTarget {
+            url: text.trim().to_owned(),
+        }))
+    };
+    Target {
+        webhook: url(&t.webhook).await?,
+        slack: url(&t.slack).await?,
+        alertmanager: url(&t.alertmanager).await?,
+    }
+    .validate()
+}
+
+/// Where a rule's project can be queried, with which key; or why not (a reason and
+/// a message for the `Evaluating` condition).
+async fn alert_source(
+    ctx: &Context,
+    ns: &str,
+    project: &TraceProject,
+) -> Result<Result<loupe_querier::alerts::HttpData, (&'static str, String)>, Error> {
+    let client = &ctx.client;
+    let secret_name = keys_secret_name(&project.name_any());
+    let key = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&secret_name)
+        .await?
+        .and_then(|s| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get(QUERY_KEY))
+                .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        });
+    let Some(key) = key else {
+        return Ok(Err((
+            "KeysNotReady",
+            format!("the project's key Secret {ns}/{secret_name} has no query key yet"),
+        )));
+    };
+    let base = match &ctx.alerts.query_url {
+        Some(url) => url.clone(),
+        None => {
+            let platform_ns = project
+                .spec
+                .platform_ref
+                .namespace
+                .clone()
+                .unwrap_or_else(|| ns.to_owned());
+            let name = &project.spec.platform_ref.name;
+            match Api::<TracePlatform>::namespaced(client.clone(), &platform_ns)
+                .get_opt(name)
+                .await?
+            {
+                Some(p) => render::endpoints(&p).query,
+                None => {
+                    return Ok(Err((
+                        "PlatformNotFound",
+                        format!("TracePlatform {platform_ns}/{name} does not exist"),
+                    )));
+                }
+            }
+        }
+    };
+    Ok(Ok(loupe_querier::alerts::HttpData::new(&base, Some(key))))
 }
 
 pub async fn reconcile_alert(rule: Arc<AlertRule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    use loupe_querier::alerts::{AlertState, advance, evaluate, format_value};
     ctx.metrics.reconciled("AlertRule");
     let client = &ctx.client;
     let ns = rule.namespace().unwrap_or_default();
@@ -869,30 +1006,173 @@ pub async fn reconcile_alert(rule: Arc<AlertRule>, ctx: Arc<Context>) -> Result<
     let project = Api::<TraceProject>::namespaced(client.clone(), &ns)
         .get_opt(&rule.spec.project_ref)
         .await?;
-    let ready = match (validate_alert(&rule), project) {
-        (Err(e), _) => Cond::new("Ready", false, "InvalidRule", e),
-        (Ok(()), None) => Cond::new(
-            "Ready",
-            false,
-            "ProjectNotFound",
-            format!("TraceProject {ns}/{} does not exist", rule.spec.project_ref),
-        ),
-        (Ok(()), Some(_)) => Cond::new(
-            "Ready",
+    let old = rule.status.clone().unwrap_or_default();
+    let api: Api<AlertRule> = Api::namespaced(client.clone(), &ns);
+    let interval = ctx.alerts.interval;
+    let (valid, project) = match (validate_alert(&rule), project) {
+        (Ok(v), Some(p)) => (v, p),
+        (invalid, _) => {
+            let ready = match invalid {
+                Err(e) => Cond::new("Ready", false, "InvalidRule", e),
+                Ok(_) => Cond::new(
+                    "Ready",
+                    false,
+                    "ProjectNotFound",
+                    format!("TraceProject {ns}/{} does not exist", rule.spec.project_ref),
+                ),
+            };
+            ctx.warn_once(&*rule, &old.conditions, &ready).await;
+            let evaluating = Cond::new(
+                "Evaluating",
+                false,
+                "NotReady",
+                "the rule is not evaluated until it is Ready",
+            );
+            let status = AlertRuleStatus {
+                conditions: merge(
+                    &old.conditions,
+                    &[ready, evaluating],
+                    rule.metadata.generation,
+                    Timestamp::now(),
+                ),
+                observed_generation: rule.metadata.generation,
+                state: Some("NotEvaluated".into()),
+                ..AlertRuleStatus::default()
+            };
+            patch_status(&api, &name, status).await?;
+            return Ok(Action::requeue(Duration::from_secs(300)));
+        }
+    };
+    let ready = Cond::new(
+        "Ready",
+        true,
+        "Valid",
+        "the rule is valid and its project exists",
+    );
+    let now_ns = i64::try_from(Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
+    let source = alert_source(&ctx, &ns, &project).await?;
+    let result = match &source {
+        Ok(data) => evaluate(&valid, data, now_ns).await,
+        Err((_, message)) => Err(message.clone()),
+    };
+    let evaluating = match (&source, &result) {
+        (Err((reason, message)), _) => Cond::new("Evaluating", false, reason, message.clone()),
+        (Ok(_), Err(e)) => Cond::new("Evaluating", false, "QueryFailed", e.clone()),
+        (Ok(_), Ok(_)) => Cond::new(
+            "Evaluating",
             true,
-            "Valid",
-            "the rule is valid and its project exists",
+            "Evaluated",
+            format!(
+                "evaluated every {}",
+                humantime_serde::re::humantime::format_duration(interval)
+            ),
         ),
     };
-    let evaluating = Cond::new(
-        "Evaluating",
-        false,
-        "EvaluationNotAvailable",
-        "this Loupe version validates and stores alert rules; evaluation and notifications arrive in a later version",
+    if !evaluating.ok {
+        ctx.warn_once(&*rule, &old.conditions, &evaluating).await;
+    }
+    let (next, changed) = advance(
+        &alert_status_of(&old),
+        &valid,
+        result.as_ref().map_err(String::as_str),
+        now_ns,
     );
-    let old = rule.status.clone().unwrap_or_default();
-    if !ready.ok {
-        ctx.warn_once(&*rule, &old.conditions, &ready).await;
+    let tenant = format!("{ns}/{}", project.name_any());
+    if let Some(state) = changed {
+        let summary = result
+            .as_ref()
+            .map(|e| e.summary.clone())
+            .unwrap_or_default();
+        let (warning, reason) = match state {
+            AlertState::Firing => (true, "AlertFiring"),
+            AlertState::Pending => (false, "AlertPending"),
+            AlertState::Resolved => (false, "AlertResolved"),
+            AlertState::Inactive => (false, "AlertInactive"),
+        };
+        ctx.event(&*rule, warning, reason, summary).await;
+    }
+    // Notifications: every target on firing and resolving; Alertmanager at every
+    // evaluation while firing (its alert expires otherwise).
+    let mut targets: Vec<TargetStatus> = Vec::with_capacity(rule.spec.notify.len());
+    let eval = result.as_ref().ok();
+    let traces_url = match (&source, eval) {
+        (Ok(_), Some(e)) => {
+            let base = ctx.alerts.query_url.clone().unwrap_or_else(|| {
+                // The platform's query URL, as the project's status shows it.
+                project
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.endpoints.as_ref())
+                    .map(|e| e.query.clone())
+                    .unwrap_or_default()
+            });
+            Some(format!(
+                "{}{}",
+                base.trim_end_matches('/'),
+                e.traces_path(&valid)
+            ))
+        }
+        _ => old.traces_url.clone(),
+    };
+    let mut sends = Vec::new();
+    for (i, target) in rule.spec.notify.iter().enumerate() {
+        let previous = old.targets.get(i).cloned().unwrap_or_default();
+        let sink = target_sink(client, &ns, target).await;
+        let mut st = TargetStatus {
+            target: match &sink {
+                Ok(s) => s.redacted(),
+                Err(_) => previous.target.clone(),
+            },
+            last_sent: previous.last_sent.clone(),
+            last_error: previous.last_error.clone(),
+        };
+        match (sink, eval) {
+            (Err(e), _) => st.last_error = Some(e),
+            (Ok(sink), Some(e)) => {
+                let due = match changed {
+                    Some(AlertState::Firing) | Some(AlertState::Resolved) => true,
+                    None => {
+                        next.state == AlertState::Firing
+                            && matches!(sink, loupe_querier::notify::Sink::Alertmanager(_))
+                    }
+                    Some(_) => false,
+                };
+                if due {
+                    let note = loupe_querier::notify::Notification {
+                        rule: name.clone(),
+                        project: tenant.clone(),
+                        kind: valid.kind,
+                        state: next.state,
+                        value: e.value,
+                        threshold: e.threshold,
+                        summary: e.summary.clone(),
+                        since_ns: next.since_ns,
+                        window_start_ns: e.start_ns,
+                        window_end_ns: e.end_ns,
+                        traces_url: traces_url.clone().unwrap_or_default(),
+                    };
+                    sends.push((i, sink, note));
+                }
+            }
+            (Ok(_), None) => {}
+        }
+        targets.push(st);
+    }
+    // Sent together; a failing target delays the status, never the other targets.
+    let outcomes = futures::future::join_all(
+        sends
+            .iter()
+            .map(|(_, sink, note)| ctx.alerts.notifier.send(sink, note, now_ns)),
+    )
+    .await;
+    for ((i, _, _), outcome) in sends.iter().zip(outcomes) {
+        match outcome {
+            Ok(()) => {
+                targets[*i].last_sent = Some(rfc3339_ns(now_ns));
+                targets[*i].last_error = None;
+            }
+            Err(e) => targets[*i].last_error = Some(e),
+        }
     }
     let status = AlertRuleStatus {
         conditions: merge(
@@ -902,11 +1182,20 @@ pub async fn reconcile_alert(rule: Arc<AlertRule>, ctx: Arc<Context>) -> Result<
             Timestamp::now(),
         ),
         observed_generation: rule.metadata.generation,
-        state: Some("NotEvaluated".into()),
+        state: Some(next.state.as_str().into()),
+        since: (next.since_ns > 0).then(|| rfc3339_ns(next.since_ns)),
+        clear_since: next.clear_since_ns.map(rfc3339_ns),
+        value: next.value,
+        value_text: next.value.map(|v| format_value(valid.kind, v)),
+        threshold: Some(valid.threshold),
+        summary: eval.map(|e| e.summary.clone()).or(old.summary.clone()),
+        traces_url,
+        last_evaluation: Some(rfc3339_ns(now_ns)),
+        last_error: next.last_error.clone(),
+        targets,
     };
-    let api: Api<AlertRule> = Api::namespaced(client.clone(), &ns);
     patch_status(&api, &name, status).await?;
-    Ok(Action::requeue(Duration::from_secs(600)))
+    Ok(Action::requeue(interval))
 }
 
 /// Requeue with backoff on errors; the error is logged and counted, never fatal.

@@ -736,11 +736,13 @@ pub struct SamplingPolicyStatus {
     printcolumn = r#"{"name":"Kind","type":"string","jsonPath":".spec.kind"}"#,
     printcolumn = r#"{"name":"Threshold","type":"number","jsonPath":".spec.threshold"}"#,
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Value","type":"string","jsonPath":".status.valueText"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
     validation = Rule::new("self.kind != 'ScoreDrop' || has(self.scoreName)").message("ScoreDrop needs scoreName"),
     validation = Rule::new("self.kind != 'LatencyPercentile' || has(self.percentile)").message("LatencyPercentile needs percentile"),
+    validation = Rule::new("!has(self.percentile) || self.percentile in [50.0, 95.0, 99.0]").message("percentile is 50, 95 or 99"),
     validation = Rule::new("self.kind != 'CostSpike' || self.threshold > 1.0").message("CostSpike threshold is a ratio to the trailing average and must be above 1"),
     validation = Rule::new("!(self.kind == 'ScoreDrop' || self.kind == 'ErrorRate') || (self.threshold > 0.0 && self.threshold <= 1.0)").message("ScoreDrop and ErrorRate thresholds are fractions in (0, 1]"),
     validation = Rule::new("self.kind != 'LatencyPercentile' || self.threshold > 0.0").message("LatencyPercentile threshold is milliseconds above 0")
@@ -778,10 +780,34 @@ pub struct AlertRuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
     pub score_name: Option<String>,
-    /// For LatencyPercentile: the percentile, e.g. 95 or 99.9.
+    /// For LatencyPercentile: 50, 95 or 99.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1.0, max = 99.99))]
+    #[schemars(range(min = 50.0, max = 99.0))]
     pub percentile: Option<f64>,
+    /// For LatencyPercentile: `trace` (requests, default) or `span` (LLM calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<loupe_querier::alerts::LatencyLevel>,
+    /// For CostSpike: the least cost in the window, in USD, that may fire (default
+    /// 1), so an idle project does not page over cents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub min_cost: Option<f64>,
+    /// For ScoreDrop: the least scores in the window and in the baseline (default
+    /// 20); for ErrorRate: the least requests in the window (default 100); for
+    /// LatencyPercentile: the least requests (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_count: Option<u64>,
+    /// How long the condition must stay clear before a firing alert resolves;
+    /// default `for`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub resolve_after: Option<String>,
+    /// Equality filters on the traffic watched: `service`, `name` (a span name),
+    /// `model`, `provider`, `feature`, `environment`, `prompt_name`,
+    /// `prompt_version`, `user_id`, `session_id`, `llm_kind`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 11))]
+    pub filters: BTreeMap<String, String>,
     /// Where notifications go.
     #[schemars(length(min = 1, max = 16))]
     pub notify: Vec<NotificationTarget>,
@@ -852,9 +878,48 @@ pub struct AlertRuleStatus {
     /// The generation of the spec the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Inactive, Pending or Firing once evaluated; NotEvaluated until then.
+    /// Inactive, Pending, Firing or Resolved once evaluated; NotEvaluated until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// When the state began (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Since when a firing alert has been clear (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clear_since: Option<String>,
+    /// The last value compared with the threshold, as a number and as people read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// The numbers behind the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    /// A trace search listing the traces behind the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_evaluation: Option<String>,
+    /// Why the last evaluation failed (the state is kept meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Each notification target's last outcome, in `notify` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetStatus>,
+}
+
+/// A notification target's last outcome.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetStatus {
+    /// `slack https://hooks.slack.com` (never a URL's path: it may be a secret).
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// Parses a duration field (`30s`, `10m`, `30d`…), naming the field when it is wrong.

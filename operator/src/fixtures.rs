@@ -308,6 +308,15 @@ impl TopicAdmin for FakeTopics {
 
 /// A context over `api` and `topics`.
 pub fn context(api: &FakeApi, topics: &FakeTopics) -> (Arc<Context>, tokio::task::JoinHandle<()>) {
+    context_with_query(api, topics, None)
+}
+
+/// [`context`] evaluating AlertRules against `query_url`.
+pub fn context_with_query(
+    api: &FakeApi,
+    topics: &FakeTopics,
+    query_url: Option<String>,
+) -> (Arc<Context>, tokio::task::JoinHandle<()>) {
     let (client, task) = api.client();
     let ctx = Context {
         client,
@@ -317,6 +326,11 @@ pub fn context(api: &FakeApi, topics: &FakeTopics) -> (Arc<Context>, tokio::task
             instance: Some("test".into()),
         },
         metrics: crate::metrics::Metrics::default(),
+        alerts: crate::controller::AlertSettings {
+            query_url,
+            interval: std::time::Duration::from_secs(60),
+            notifier: loupe_querier::notify::Notifier::new(std::time::Duration::from_secs(60)),
+        },
     };
     (Arc::new(ctx), task)
 }

@@ -2,6 +2,7 @@
 //! requests each reconcile makes and the state it leaves.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -650,45 +651,172 @@ async fn two_policies_on_one_project_are_a_conflict_and_the_oldest_applies() {
     assert_rbac_allows(&api.calls());
 }
 
+/// A query API answering metrics (`step=3600s`: the last hour, $30; otherwise the
+/// 7-day baseline, $1680 = $10 an hour) and recording the keys it was sent, and a
+/// webhook receiver recording what it was sent.
+async fn querier_and_hooks() -> (String, Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<Value>>>) {
+    type Recorded = (Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<Value>>>);
+    use axum::extract::{Query, State};
+    let keys: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hooks: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/metrics",
+            axum::routing::get(
+                |State((keys, _)): State<Recorded>,
+                 headers: axum::http::HeaderMap,
+                 Query(q): Query<BTreeMap<String, String>>| async move {
+                    keys.lock().unwrap().push(
+                        headers
+                            .get("authorization")
+                            .map(|v| v.to_str().unwrap().to_owned())
+                            .unwrap_or_default(),
+                    );
+                    let cost = if q["step"] == "3600s" { 30.0 } else { 1680.0 };
+                    let est = json!({ "requests": 100.0, "input_tokens": 0.0, "output_tokens": 0.0, "cost_usd": cost });
+                    axum::Json(json!({
+                        "level": "trace", "start": "", "end": "", "start_ns": 0, "end_ns": 0,
+                        "step_seconds": 3600.0, "group_by": [], "rows": "traces", "groups_omitted": 0,
+                        "sampling": { "kept_spans": 0, "seen_spans": 0, "extrapolated": false, "note": "" },
+                        "series": [{ "group": {}, "requests": 100, "errors": 0, "input_tokens": 0,
+                            "output_tokens": 0, "cost_usd": cost, "estimated": est, "points": [] }],
+                    }))
+                },
+            ),
+        )
+        .route(
+            "/hooks/slack",
+            axum::routing::post(
+                |State((_, hooks)): State<Recorded>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    hooks.lock().unwrap().push(body);
+                    "ok"
+                },
+            ),
+        )
+        .with_state((keys.clone(), hooks.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), keys, hooks)
+}
+
 #[tokio::test]
-async fn an_alert_rule_is_validated_and_says_it_is_not_evaluated_yet() {
+async fn an_alert_rule_is_evaluated_with_the_projects_query_key_and_notifies() {
+    let (base, keys, hooks) = querier_and_hooks().await;
     let api = FakeApi::default();
-    let (ctx, _server) = context(&api, &FakeTopics::default());
-    let rule: AlertRule =
+    let (ctx, _server) = context_with_query(&api, &FakeTopics::default(), Some(base.clone()));
+    let mut rule: AlertRule =
         serde_saphyr::from_str(include_str!("../../docs/examples/alert-cost-spike.yaml")).unwrap();
+    rule.spec.for_duration = None;
     api.put(&rule);
     let path = "/apis/loupe.dev/v1alpha1/namespaces/team-a-prod/alertrules/chat-cost-spike";
-    within(reconcile_alert(
-        std::sync::Arc::new(rule.clone()),
-        ctx.clone(),
-    ))
-    .await
-    .unwrap();
+    let stored = || -> AlertRule { serde_json::from_value(api.get(path).unwrap()).unwrap() };
+    within(reconcile_alert(std::sync::Arc::new(stored()), ctx.clone()))
+        .await
+        .unwrap();
     let status = status_patch(&api.calls(), path);
     assert_eq!(condition(&status, "Ready")["reason"], "ProjectNotFound");
+    assert_eq!(status["state"], "NotEvaluated");
 
+    // The project exists but has no keys yet: not evaluated, and it says why.
     api.put(&project("team-a-prod", "prod"));
     api.clear_calls();
-    within(reconcile_alert(
-        std::sync::Arc::new(rule.clone()),
-        ctx.clone(),
-    ))
-    .await
-    .unwrap();
+    within(reconcile_alert(std::sync::Arc::new(stored()), ctx.clone()))
+        .await
+        .unwrap();
     let status = status_patch(&api.calls(), path);
     assert_eq!(condition(&status, "Ready")["status"], "True");
-    let evaluating = condition(&status, "Evaluating");
-    assert_eq!(evaluating["status"], "False");
-    assert_eq!(evaluating["reason"], "EvaluationNotAvailable");
-    assert_eq!(status["state"], "NotEvaluated");
+    assert_eq!(condition(&status, "Evaluating")["reason"], "KeysNotReady");
+    assert_eq!(status["state"], "Inactive");
+
+    // Keys and the Slack URL's Secret: $30 this hour against $10 on average fires.
+    api.put(&key_secret("team-a-prod", "ingest-key", "query-key-1"));
+    api.put(&Secret {
+        metadata: ObjectMeta {
+            name: Some("alert-webhooks".into()),
+            namespace: Some("team-a-prod".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "slack-url".into(),
+            ByteString(format!("{base}/hooks/slack").into_bytes()),
+        )])),
+        ..Default::default()
+    });
+    api.clear_calls();
+    let action = within(reconcile_alert(std::sync::Arc::new(stored()), ctx.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(60))
+    );
+    let status = status_patch(&api.calls(), path);
+    assert_eq!(
+        condition(&status, "Evaluating")["status"],
+        "True",
+        "{status}"
+    );
+    assert_eq!(status["state"], "Firing", "{status}");
+    assert_eq!(status["valueText"], "3.00×");
+    assert_eq!(status["threshold"], 2.0);
+    assert!(
+        status["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("cost $30.00 in 1h is 3.00×")
+    );
+    assert!(
+        status["tracesUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{base}/api/v1/traces?start="))
+    );
+    assert_eq!(
+        status["targets"][0]["target"],
+        format!("slack {base}"),
+        "the URL's path (a secret) is left out"
+    );
+    assert!(status["targets"][0]["lastSent"].is_string(), "{status}");
+    assert_eq!(
+        events(&api.calls()),
+        [("Warning".to_owned(), "AlertFiring".to_owned())]
+    );
+    assert!(
+        keys.lock()
+            .unwrap()
+            .iter()
+            .all(|k| k == "Bearer query-key-1")
+    );
+    let sent = hooks.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("[FIRING] chat-cost-spike* (team-a-prod/chat, cost_spike)")
+    );
     assert_rbac_allows(&api.calls());
 
+    // The next evaluation keeps it firing and tells Slack nothing new.
+    api.clear_calls();
+    within(reconcile_alert(std::sync::Arc::new(stored()), ctx.clone()))
+        .await
+        .unwrap();
+    let again = status_patch(&api.calls(), path);
+    assert_eq!(again["state"], "Firing");
+    assert_eq!(again["since"], status["since"]);
+    assert!(events(&api.calls()).is_empty());
+    assert_eq!(hooks.lock().unwrap().len(), 1);
+
+    // Rules the evaluator would refuse are refused with the field.
     let mut bad = rule;
     bad.spec.baseline = Some("30m".into());
     assert!(
         validate_alert(&bad)
             .unwrap_err()
-            .contains("baseline 30m must be longer than window 1h")
+            .starts_with("baseline: 30m is shorter than the window (1h)")
     );
 }
 

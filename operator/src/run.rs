@@ -28,6 +28,10 @@ pub struct Settings {
     pub lease_name: String,
     /// This replica's name in the Lease (the pod name).
     pub identity: String,
+    /// Query API for AlertRule evaluation instead of each platform's querier Service.
+    pub query_url: Option<String>,
+    /// Time between evaluations of each AlertRule.
+    pub alert_interval: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +82,11 @@ pub async fn run(settings: Settings, metrics: Metrics) -> Result<(), RunError> {
             instance: Some(settings.identity.clone()),
         },
         metrics,
+        alerts: crate::controller::AlertSettings {
+            query_url: settings.query_url.clone(),
+            interval: settings.alert_interval,
+            notifier: loupe_querier::notify::Notifier::new(settings.alert_interval),
+        },
     });
     let controllers = run_controllers(client, ctx);
     match lease {

@@ -719,6 +719,103 @@ impl RulesFile {
     }
 }
 
+/// [`AlertData`] over a querier's HTTP API, with a project's query key.
+#[derive(Clone)]
+pub struct HttpData {
+    client: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+impl HttpData {
+    pub fn new(base_url: &str, key: Option<String>) -> HttpData {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        HttpData {
+            client: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()
+                .expect("an HTTP client with default settings builds"),
+            base: base_url.trim_end_matches('/').to_owned(),
+            key,
+        }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<T, String> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.client.get(&url).query(query);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| {
+            format!(
+                "cannot reach the query API at {}: {}",
+                self.base,
+                if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "connection refused or unreachable"
+                } else {
+                    "request failed"
+                }
+            )
+        })?;
+        let status = response.status();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| format!("reading the answer of {url}: {e}"))?;
+        if !status.is_success() {
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or(body);
+            return Err(format!("{status}: {msg}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("unexpected answer from {url}: {e}"))
+    }
+}
+
+fn secs(ns: i64) -> String {
+    (ns / 1_000_000_000).to_string()
+}
+
+impl AlertData for HttpData {
+    async fn metrics(
+        &self,
+        range: (i64, i64),
+        params: &HashMap<String, String>,
+    ) -> Result<MetricsResponse, String> {
+        let mut query = vec![("start", secs(range.0)), ("end", secs(range.1))];
+        query.extend(params.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        self.get("/api/v1/metrics", &query).await
+    }
+
+    async fn score_metrics(
+        &self,
+        range: (i64, i64),
+        step_ns: i64,
+        name: &str,
+        filters: &BTreeMap<String, String>,
+    ) -> Result<ScoreMetrics, String> {
+        let mut query = vec![
+            ("start", secs(range.0)),
+            ("end", secs(range.1)),
+            ("step", format!("{}s", (step_ns / 1_000_000_000).max(1))),
+            ("name", name.to_owned()),
+        ];
+        // The score API's `name` is the score's: a span name goes as `span_name`.
+        for (k, v) in filters {
+            let k = if k == "name" { "span_name" } else { k.as_str() };
+            query.push((k, v.clone()));
+        }
+        self.get("/api/v1/scores/metrics", &query).await
+    }
+}
+
 /// [`AlertData`] from the query engine in process (standalone), for one tenant.
 pub struct EngineData {
     pub engine: std::sync::Arc<crate::QueryEngine>,

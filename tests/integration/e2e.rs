@@ -263,6 +263,50 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
         status.conditions
     );
 
+    // AlertRules: the API server enforces the schema's CEL rules; a valid rule is
+    // evaluated and its status says how (here the platform's querier cannot be
+    // reached from the operator running outside the cluster, or runs no pods).
+    let alerts: Api<loupe_operator::crd::AlertRule> = Api::namespaced(client.clone(), &prod_ns);
+    let mut rule = json!({
+        "apiVersion": "loupe.dev/v1alpha1", "kind": "AlertRule",
+        "metadata": { "name": "chat-p99", "namespace": prod_ns },
+        "spec": {
+            "projectRef": "chat", "kind": "LatencyPercentile", "percentile": 90,
+            "window": "15m", "threshold": 10000,
+            "notify": [{ "webhook": { "url": "http://hooks.invalid/loupe" } }],
+        },
+    });
+    let err = alerts
+        .patch("chat-p99", &apply(), &Patch::Apply(&rule))
+        .await
+        .expect_err("percentile 90 must be refused");
+    assert!(
+        err.to_string().contains("percentile is 50, 95 or 99"),
+        "{err}"
+    );
+    rule["spec"]["percentile"] = json!(99);
+    alerts
+        .patch("chat-p99", &apply(), &Patch::Apply(&rule))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(120), || {
+        let a = alerts.clone();
+        async move {
+            let got = a.get("chat-p99").await.map_err(|e| e.to_string())?;
+            let status = got.status.unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let evaluating = status.conditions.iter().find(|c| c.type_ == "Evaluating");
+            match (ready, evaluating, status.last_evaluation) {
+                (true, Some(c), Some(_)) if !c.reason.is_empty() => Ok(()),
+                _ => Err(format!("not evaluated yet: {:?}", status.conditions)),
+            }
+        }
+    })
+    .await;
+
     // deletionPolicy: Delete — deleting the project starts the purge Job for its
     // tenant, and the finalizer holds the project until the Job has succeeded.
     let projects: Api<TraceProject> = Api::namespaced(client.clone(), &dev_ns);
