@@ -441,10 +441,15 @@ pub async fn run_gate(args: GateArgs) -> anyhow::Result<()> {
                 c.check.clone(),
                 c.value
                     .map(|v| {
-                        format!("{v:.4}")
-                            .trim_end_matches('0')
-                            .trim_end_matches('.')
-                            .to_owned()
+                        // Milliseconds are whole; ratios and dollars keep 4 decimals.
+                        if c.check.contains("(ms)") {
+                            format!("{v:.0}")
+                        } else {
+                            format!("{v:.4}")
+                                .trim_end_matches('0')
+                                .trim_end_matches('.')
+                                .to_owned()
+                        }
                     })
                     .unwrap_or_else(|| "-".into()),
                 c.bound.clone(),
