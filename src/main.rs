@@ -1,5 +1,6 @@
 //! `loupe`: one binary, one subcommand per role (the Tempo/Loki model).
 
+mod agent;
 mod alerts_cmd;
 mod client;
 mod demo;
@@ -69,6 +70,9 @@ enum Command {
     Generate(generate::Args),
     /// Delete everything stored for one project (a dry run without --yes).
     Purge(purge::Args),
+    /// The sidecar next to an application: OTLP on loopback, Kubernetes resource
+    /// attributes, head sampling, batching and retries to the ingester.
+    Agent(Box<agent::Args>),
     /// Alert rules: `loupe alerts check --rules FILE` evaluates them once.
     #[command(subcommand)]
     Alerts(alerts_cmd::Alerts),
@@ -307,6 +311,7 @@ fn main() -> std::process::ExitCode {
             Command::Loadgen(args) => loadgen::run(args).await,
             Command::Generate(args) => generate::run(args).await,
             Command::Purge(args) => purge::run(args).await,
+            Command::Agent(args) => agent::run(*args).await,
             Command::Alerts(cmd) => alerts_cmd::run_alerts(cmd).await,
             Command::Gate(args) => alerts_cmd::run_gate(*args).await,
             Command::Keys(keys) => keys_cmd::run(keys),

@@ -60,19 +60,14 @@ impl Loupe {
     pub fn start_with_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Loupe {
         let mut args: Vec<String> = vec!["standalone".into(), "--data-dir".into()];
         args.push(data.display().to_string());
-        for a in [
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--query-addr",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .chain(extra)
-        {
-            args.push(a.to_string());
+        // Free ports, unless `extra` names an address.
+        for flag in ["--grpc-addr", "--http-addr", "--query-addr"] {
+            if !extra.contains(&flag) {
+                args.push(flag.into());
+                args.push("127.0.0.1:0".into());
+            }
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut loupe = Loupe::spawn(&args, data, env, &["otlp-grpc", "otlp-http", "query-api"]);
         loupe.metrics_url = format!("{}/metrics", loupe.query);
         loupe

@@ -1,6 +1,7 @@
 //! Black-box tests: they start the real `loupe` binary on free loopback ports and talk
 //! to it with real OTLP clients (Rust tonic/reqwest, and the Python OpenTelemetry SDK).
 
+mod agent;
 mod alerts;
 mod analytics;
 mod bad_input;
