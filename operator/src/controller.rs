@@ -75,7 +75,7 @@ impl Context {
     }
 
     /// Publishes an Event on `obj`; a failure to publish is logged, never fatal.
-    async fn event<K: Resource<DynamicType = ()>>(
+    pub(crate) async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         warning: bool,

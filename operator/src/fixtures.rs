@@ -74,12 +74,20 @@ impl FakeApi {
         if meta["resourceVersion"].is_null() {
             meta["resourceVersion"] = json!("1");
         }
-        let path = path_of(
-            &api_version,
-            &plural_of(&kind),
-            meta["namespace"].as_str().unwrap(),
-            meta["name"].as_str().unwrap(),
-        );
+        let path = match meta["namespace"].as_str() {
+            Some(ns) => path_of(
+                &api_version,
+                &plural_of(&kind),
+                ns,
+                meta["name"].as_str().unwrap(),
+            ),
+            // Cluster-scoped (namespaces).
+            None => format!(
+                "/api/{api_version}/{}/{}",
+                plural_of(&kind),
+                meta["name"].as_str().unwrap()
+            ),
+        };
         self.0.lock().unwrap().objects.insert(path, v);
     }
 
@@ -358,6 +366,8 @@ pub fn rbac_of(call: &Call) -> (String, String, &'static str) {
         [r] => (*r, false),
         ["namespaces", _, r] => (*r, false),
         ["namespaces", _, r, _] => (*r, true),
+        // A namespace itself.
+        ["namespaces", _] => ("namespaces", true),
         other => panic!("unexpected path {other:?}"),
     };
     let verb = match (call.method.clone(), named) {

@@ -5,6 +5,7 @@
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod inject;
 pub mod kafka;
 pub mod metrics;
 pub mod rbac;
@@ -12,6 +13,7 @@ pub mod render;
 pub mod run;
 pub mod status;
 pub mod tenants;
+pub mod webhook;
 
 #[cfg(test)]
 mod fixtures;

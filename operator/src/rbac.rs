@@ -68,6 +68,12 @@ pub const CLUSTER_RULES: &[Rule] = &[
         resources: &["poddisruptionbudgets"],
         verbs: &["list", "watch", "patch", "delete"],
     },
+    // The injection webhook reads the pod's namespace labels (opt-in).
+    Rule {
+        group: "",
+        resources: &["namespaces"],
+        verbs: &["get"],
+    },
     // The Job that deletes a deleted project's stored data (deletionPolicy: Delete).
     Rule {
         group: "batch",
