@@ -19,7 +19,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -28,7 +27,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -188,9 +186,10 @@ impl AgentMetrics {
     }
 }
 
-/// One application request, ready to forward.
+/// One application request, encoded (protobuf) and ready to forward: what the queue
+/// bound counts is what it holds.
 struct Item {
-    resource_spans: Vec<ResourceSpans>,
+    encoded: Bytes,
     spans: usize,
     bytes: usize,
 }
@@ -292,11 +291,11 @@ impl Receiver {
         if kept == 0 {
             return ExportTraceServiceResponse::default();
         }
-        let bytes = req.encoded_len();
+        let encoded = Bytes::from(req.encode_to_vec());
         let item = Item {
-            resource_spans: req.resource_spans,
+            bytes: encoded.len(),
+            encoded,
             spans: kept,
-            bytes,
         };
         match self.queue.push(item) {
             Ok(()) => ExportTraceServiceResponse::default(),
@@ -439,6 +438,59 @@ async fn http_export(
     }
 }
 
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Sends an already encoded export request; decodes the response with prost.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+struct ResponseDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RawEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = ExportTraceServiceResponse;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ExportTraceServiceResponse>, tonic::Status> {
+        ExportTraceServiceResponse::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("the upstream's response: {e}")))
+    }
+}
+
 /// Why an export failed.
 enum Failure {
     /// Worth retrying, after `after` when the upstream said.
@@ -452,7 +504,7 @@ enum Failure {
 
 enum Upstream {
     Grpc {
-        client: TraceServiceClient<tonic::transport::Channel>,
+        client: tonic::client::Grpc<tonic::transport::Channel>,
         key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     },
     Http {
@@ -474,8 +526,9 @@ impl Upstream {
                     .timeout(Duration::from_secs(30))
                     .connect_lazy();
                 Upstream::Grpc {
-                    client: TraceServiceClient::new(channel)
-                        .send_compressed(CompressionEncoding::Gzip),
+                    client: tonic::client::Grpc::new(channel)
+                        .send_compressed(CompressionEncoding::Gzip)
+                        .accept_compressed(CompressionEncoding::Gzip),
                     key: key
                         .map(|k| format!("Bearer {k}").parse())
                         .transpose()
@@ -501,14 +554,23 @@ impl Upstream {
 
     /// Sends one request; `Ok` holds the spans the upstream rejected in a partial
     /// success.
-    async fn send(&mut self, request: &ExportTraceServiceRequest) -> Result<i64, Failure> {
+    async fn send(&mut self, request: &Bytes) -> Result<i64, Failure> {
         match self {
             Upstream::Grpc { client, key } => {
                 let mut r = tonic::Request::new(request.clone());
                 if let Some(k) = key {
                     r.metadata_mut().insert("authorization", k.clone());
                 }
-                match client.export(r).await {
+                if let Err(e) = client.ready().await {
+                    return Err(Failure::Retry {
+                        after: None,
+                        why: format!("cannot connect: {e}"),
+                    });
+                }
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                let sent: Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> =
+                    client.unary(r, path, RawCodec).await;
+                match sent {
                     Ok(resp) => Ok(resp
                         .into_inner()
                         .partial_success
@@ -547,7 +609,7 @@ impl Upstream {
                 let mut post = client
                     .post(url.as_str())
                     .header("content-type", "application/x-protobuf")
-                    .body(request.encode_to_vec());
+                    .body(request.clone());
                 if let Some(k) = key {
                     post = post.bearer_auth(k);
                 }
@@ -627,9 +689,14 @@ async fn forward(
         let items = queue.take(batch_spans);
         let spans: usize = items.iter().map(|i| i.spans).sum();
         let bytes: usize = items.iter().map(|i| i.bytes).sum();
-        let request = ExportTraceServiceRequest {
-            resource_spans: items.into_iter().flat_map(|i| i.resource_spans).collect(),
-        };
+        // Concatenated export requests are one request holding all their resource
+        // spans (a repeated protobuf field): no decoding, no re-encoding.
+        let mut request = bytes::BytesMut::with_capacity(bytes);
+        for i in &items {
+            request.extend_from_slice(&i.encoded);
+        }
+        let request = request.freeze();
+        drop(items);
         let mut backoff = Duration::from_millis(100);
         loop {
             match upstream.send(&request).await {
@@ -821,7 +888,7 @@ mod tests {
 
     fn item(spans: usize, bytes: usize) -> Item {
         Item {
-            resource_spans: Vec::new(),
+            encoded: Bytes::new(),
             spans,
             bytes,
         }
