@@ -116,6 +116,23 @@ mod operator_cmd {
         /// Time between evaluations of each AlertRule.
         #[arg(long, default_value = "1m", value_parser = crate::server::parse_duration)]
         alert_interval: std::time::Duration,
+        /// Serve the sidecar-injection webhook (HTTPS) on this address.
+        #[arg(long, env = "LOUPE_WEBHOOK_ADDR")]
+        webhook_addr: Option<SocketAddr>,
+        /// Directory with `tls.crt` and `tls.key` for the webhook (cert-manager's
+        /// Secret, mounted); without it the operator issues and renews them itself.
+        #[arg(long, env = "LOUPE_WEBHOOK_CERT_DIR")]
+        webhook_cert_dir: Option<std::path::PathBuf>,
+        /// The Service the API server calls the webhook through (certificate names).
+        #[arg(long, default_value = "loupe")]
+        webhook_service: String,
+        /// The Secret, in the operator's namespace, holding the self-managed CA and
+        /// certificate.
+        #[arg(long, default_value = "loupe-webhook-tls")]
+        webhook_secret: String,
+        /// The MutatingWebhookConfiguration whose caBundle the operator keeps.
+        #[arg(long, default_value = "loupe")]
+        webhook_configuration: String,
     }
 
     pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -135,11 +152,25 @@ mod operator_cmd {
         loupe_operator::run::run(
             loupe_operator::run::Settings {
                 leader_election: !args.no_leader_election,
-                lease_namespace: args.lease_namespace,
+                lease_namespace: args.lease_namespace.clone(),
                 lease_name: args.lease_name,
                 identity,
                 query_url: args.query_url,
                 alert_interval: args.alert_interval,
+                webhook: args
+                    .webhook_addr
+                    .map(|addr| loupe_operator::run::WebhookSettings {
+                        addr,
+                        certificate: match args.webhook_cert_dir {
+                            Some(dir) => loupe_operator::webhook_tls::CertSource::Files(dir),
+                            None => loupe_operator::webhook_tls::CertSource::SelfManaged {
+                                namespace: args.lease_namespace.clone(),
+                                service: args.webhook_service,
+                                secret: args.webhook_secret,
+                                configuration: args.webhook_configuration,
+                            },
+                        },
+                    }),
             },
             metrics,
         )

@@ -81,9 +81,14 @@ impl FakeApi {
                 ns,
                 meta["name"].as_str().unwrap(),
             ),
-            // Cluster-scoped (namespaces).
+            // Cluster-scoped (namespaces, webhook configurations).
             None => format!(
-                "/api/{api_version}/{}/{}",
+                "/{}/{api_version}/{}/{}",
+                if api_version.contains('/') {
+                    "apis"
+                } else {
+                    "api"
+                },
                 plural_of(&kind),
                 meta["name"].as_str().unwrap()
             ),
@@ -366,6 +371,8 @@ pub fn rbac_of(call: &Call) -> (String, String, &'static str) {
         [r] => (*r, false),
         ["namespaces", _, r] => (*r, false),
         ["namespaces", _, r, _] => (*r, true),
+        // A cluster-scoped object.
+        [r, _] if *r != "namespaces" => (*r, true),
         // A namespace itself.
         ["namespaces", _] => ("namespaces", true),
         other => panic!("unexpected path {other:?}"),

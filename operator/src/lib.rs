@@ -14,6 +14,7 @@ pub mod run;
 pub mod status;
 pub mod tenants;
 pub mod webhook;
+pub mod webhook_tls;
 
 #[cfg(test)]
 mod fixtures;

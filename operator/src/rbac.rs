@@ -74,6 +74,12 @@ pub const CLUSTER_RULES: &[Rule] = &[
         resources: &["namespaces"],
         verbs: &["get"],
     },
+    // The injection webhook's caBundle, kept current by the operator (self-managed TLS).
+    Rule {
+        group: "admissionregistration.k8s.io",
+        resources: &["mutatingwebhookconfigurations"],
+        verbs: &["patch"],
+    },
     // The Job that deletes a deleted project's stored data (deletionPolicy: Delete).
     Rule {
         group: "batch",

@@ -32,6 +32,15 @@ pub struct Settings {
     pub query_url: Option<String>,
     /// Time between evaluations of each AlertRule.
     pub alert_interval: std::time::Duration,
+    /// Serve the sidecar-injection webhook (every replica does, leader or not).
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// Where the injection webhook listens and where its certificate comes from.
+#[derive(Clone, Debug)]
+pub struct WebhookSettings {
+    pub addr: std::net::SocketAddr,
+    pub certificate: crate::webhook_tls::CertSource,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,36 @@ const MANAGED: &str = "app.kubernetes.io/managed-by=loupe-operator";
 /// `metrics` are registered by the caller, which serves them.
 pub async fn run(settings: Settings, metrics: Metrics) -> Result<(), RunError> {
     let client = Client::try_default().await?;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        topics: Arc::new(RdKafkaTopics::default()),
+        reporter: Reporter {
+            controller: "loupe-operator".into(),
+            instance: Some(settings.identity.clone()),
+        },
+        metrics,
+        alerts: crate::controller::AlertSettings {
+            query_url: settings.query_url.clone(),
+            interval: settings.alert_interval,
+            notifier: loupe_querier::notify::Notifier::new(settings.alert_interval),
+        },
+    });
+    if let Some(webhook) = settings.webhook {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let handle = axum_server::Handle::new();
+            if let Err(e) =
+                crate::webhook_tls::serve(ctx, webhook.addr, webhook.certificate, handle).await
+            {
+                // Pods are admitted without the agent (failurePolicy Ignore); the
+                // controllers go on.
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "the injection webhook is not served"
+                );
+            }
+        });
+    }
 
     let mut lease = None;
     if settings.leader_election {
@@ -74,20 +113,6 @@ pub async fn run(settings: Settings, metrics: Metrics) -> Result<(), RunError> {
         lease = Some((leading, task));
     }
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        topics: Arc::new(RdKafkaTopics::default()),
-        reporter: Reporter {
-            controller: "loupe-operator".into(),
-            instance: Some(settings.identity.clone()),
-        },
-        metrics,
-        alerts: crate::controller::AlertSettings {
-            query_url: settings.query_url.clone(),
-            interval: settings.alert_interval,
-            notifier: loupe_querier::notify::Notifier::new(settings.alert_interval),
-        },
-    });
     let controllers = run_controllers(client, ctx);
     match lease {
         Some((mut leading, _task)) => {

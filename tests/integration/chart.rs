@@ -139,13 +139,22 @@ fn rendered_objects_are_kubernetes_objects() {
         .filter(|d| d["kind"] == "ServiceMonitor")
         .count();
     assert_eq!(monitors, 4);
-    // Off by default.
+    // Off by default, but the injection webhook: on, served by the operator with
+    // its own certificate.
     let defaults = render(&helm, "image.pullPolicy=IfNotPresent");
-    for off in [
-        "MutatingWebhookConfiguration",
-        "ServiceMonitor",
-        "TracePlatform",
-    ] {
+    assert!(
+        defaults
+            .iter()
+            .any(|d| d["kind"] == "MutatingWebhookConfiguration")
+    );
+    let operator = defaults.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let args = operator["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("--webhook-addr=0.0.0.0:9443")
+            && args.contains("--webhook-secret=loupe-operator-webhook-tls"),
+        "{args}"
+    );
+    for off in ["ServiceMonitor", "TracePlatform"] {
         assert!(
             !defaults.iter().any(|d| d["kind"] == off),
             "{off} is on by default"

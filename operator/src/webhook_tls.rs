@@ -1,0 +1,460 @@
+//! The injection webhook's TLS: a self-managed CA kept in a Secret, the serving
+//! certificate renewed before it expires, and the MutatingWebhookConfiguration's
+//! `caBundle` kept current; or, with cert-manager, the certificate files it writes.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::json;
+
+use crate::controller::Context;
+
+/// The webhook's name in the MutatingWebhookConfiguration (the chart's).
+pub const WEBHOOK_NAME: &str = "inject.loupe.dev";
+/// Annotation on the Secret: when its serving certificate expires.
+pub const NOT_AFTER_ANNOTATION: &str = "loupe.dev/not-after";
+/// Certificates are issued for a year and renewed a month before they expire.
+const VALIDITY: SignedDuration = SignedDuration::from_hours(365 * 24);
+const RENEW_BEFORE: SignedDuration = SignedDuration::from_hours(30 * 24);
+/// How often the certificate (Secret or files) is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(300);
+
+/// Where the webhook's certificate comes from.
+#[derive(Clone, Debug)]
+pub enum CertSource {
+    /// cert-manager (or anything) writes `tls.crt` and `tls.key` here.
+    Files(PathBuf),
+    /// The operator issues and renews it, keeping CA and certificate in `secret`.
+    SelfManaged {
+        /// The operator's namespace, where the Secret and the Service are.
+        namespace: String,
+        /// The Service the API server calls (`<service>.<namespace>.svc`).
+        service: String,
+        secret: String,
+        /// The MutatingWebhookConfiguration whose `caBundle` the operator keeps.
+        configuration: String,
+    },
+}
+
+/// A serving certificate and its CA, PEM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+    pub not_after: Timestamp,
+}
+
+/// Issues a fresh CA and a serving certificate for `service` in `namespace`.
+pub fn issue(service: &str, namespace: &str, now: Timestamp) -> Result<Issued, rcgen::Error> {
+    let date = |t: Timestamp| {
+        let d = t.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).date();
+        rcgen::date_time_ymd(d.year().into(), d.month() as u8, d.day() as u8)
+    };
+    let yesterday = now - SignedDuration::from_hours(24);
+    let not_after = now + VALIDITY;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Loupe injection webhook CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_before = date(yesterday);
+    ca.not_after = date(not_after + SignedDuration::from_hours(24));
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let key = KeyPair::generate()?;
+    let names = vec![
+        service.to_owned(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ];
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{service}.{namespace}.svc"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = date(yesterday);
+    params.not_after = date(not_after);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        ca_pem: ca_cert.pem(),
+        not_after,
+    })
+}
+
+/// Whether a certificate expiring at `not_after` is due for renewal at `now`.
+pub fn needs_renewal(not_after: Option<Timestamp>, now: Timestamp) -> bool {
+    not_after.is_none_or(|t| t.duration_since(now) < RENEW_BEFORE)
+}
+
+fn text(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()?
+        .get(key)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
+fn stored(secret: &Secret) -> Option<Issued> {
+    let not_after = secret
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(NOT_AFTER_ANNOTATION)?
+        .parse()
+        .ok()?;
+    Some(Issued {
+        cert_pem: text(secret, "tls.crt")?,
+        key_pem: text(secret, "tls.key")?,
+        ca_pem: text(secret, "ca.crt")?,
+        not_after,
+    })
+}
+
+/// The certificate in the Secret, issued (or renewed) first when needed, and the CA
+/// bundle the webhook configuration must trust (the new CA and, while a renewal is
+/// fresh, the previous one, so that replicas still serving the old certificate are
+/// trusted too).
+pub async fn ensure(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    secret_name: &str,
+) -> Result<(Issued, String), String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let existing = secrets
+        .get_opt(secret_name)
+        .await
+        .map_err(|e| format!("reading Secret {namespace}/{secret_name}: {e}"))?;
+    let now = Timestamp::now();
+    if let Some(s) = &existing
+        && let Some(issued) = stored(s)
+        && !needs_renewal(Some(issued.not_after), now)
+    {
+        let bundle = text(s, "ca-bundle.crt").unwrap_or_else(|| issued.ca_pem.clone());
+        return Ok((issued, bundle));
+    }
+    let issued =
+        issue(service, namespace, now).map_err(|e| format!("issuing a certificate: {e}"))?;
+    let previous = existing.as_ref().and_then(|s| text(s, "ca.crt"));
+    let bundle = match previous {
+        Some(old) if old != issued.ca_pem => format!("{}{old}", issued.ca_pem),
+        _ => issued.ca_pem.clone(),
+    };
+    let data = BTreeMap::from([
+        (
+            "tls.crt".to_owned(),
+            ByteString(issued.cert_pem.clone().into_bytes()),
+        ),
+        (
+            "tls.key".to_owned(),
+            ByteString(issued.key_pem.clone().into_bytes()),
+        ),
+        (
+            "ca.crt".to_owned(),
+            ByteString(issued.ca_pem.clone().into_bytes()),
+        ),
+        (
+            "ca-bundle.crt".to_owned(),
+            ByteString(bundle.clone().into_bytes()),
+        ),
+    ]);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(secret_name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            annotations: Some(BTreeMap::from([(
+                NOT_AFTER_ANNOTATION.to_owned(),
+                issued.not_after.to_string(),
+            )])),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "loupe-operator".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    secrets
+        .patch(
+            secret_name,
+            &PatchParams::apply(crate::FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(|e| format!("writing Secret {namespace}/{secret_name}: {e}"))?;
+    tracing::info!(secret = %secret_name, not_after = %issued.not_after, "issued the webhook's certificate");
+    // Another replica may have written at the same moment: serve what is stored.
+    let stored_now = secrets
+        .get_opt(secret_name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|s| stored(&s).map(|i| (i, text(&s, "ca-bundle.crt"))));
+    Ok(match stored_now {
+        Some((i, b)) => {
+            let bundle = b.unwrap_or_else(|| i.ca_pem.clone());
+            (i, bundle)
+        }
+        None => (issued, bundle),
+    })
+}
+
+/// Sets the webhook's `caBundle` in `configuration` (a strategic merge on the
+/// webhook named [`WEBHOOK_NAME`]; nothing else changes).
+pub async fn publish_ca(
+    client: &Client,
+    configuration: &str,
+    bundle_pem: &str,
+) -> Result<(), String> {
+    use base64::Engine;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let patch = json!({
+        "webhooks": [{
+            "name": WEBHOOK_NAME,
+            "clientConfig": { "caBundle": base64::engine::general_purpose::STANDARD.encode(bundle_pem) },
+        }],
+    });
+    api.patch(
+        configuration,
+        &PatchParams::default(),
+        &Patch::Strategic(patch),
+    )
+    .await
+    .map_err(|e| {
+        format!("setting the caBundle of MutatingWebhookConfiguration {configuration}: {e}")
+    })?;
+    Ok(())
+}
+
+/// Serves the webhook over TLS on `addr` until `handle` shuts it down, keeping its
+/// certificate current.
+pub async fn serve(
+    ctx: Arc<Context>,
+    addr: SocketAddr,
+    source: CertSource,
+    handle: axum_server::Handle<SocketAddr>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = ctx.client.clone();
+    let config = match &source {
+        CertSource::Files(dir) => {
+            RustlsConfig::from_pem_file(dir.join("tls.crt"), dir.join("tls.key"))
+                .await
+                .with_context(|| {
+                    format!("reading the webhook certificate from {}", dir.display())
+                })?
+        }
+        CertSource::SelfManaged {
+            namespace,
+            service,
+            secret,
+            configuration,
+        } => {
+            let (issued, bundle) = ensure(&client, namespace, service, secret)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if let Err(e) = publish_ca(&client, configuration, &bundle).await {
+                tracing::warn!(error = %e, "the webhook's CA is not published; the API server will not reach the webhook until it is");
+            }
+            RustlsConfig::from_pem(issued.cert_pem.into_bytes(), issued.key_pem.into_bytes())
+                .await
+                .context("loading the webhook certificate")?
+        }
+    };
+    // Keep the certificate current.
+    let refresh = {
+        let config = config.clone();
+        tokio::spawn(async move {
+            let mut last_cert = String::new();
+            loop {
+                tokio::time::sleep(CHECK_EVERY).await;
+                let result = match &source {
+                    CertSource::Files(dir) => config
+                        .reload_from_pem_file(dir.join("tls.crt"), dir.join("tls.key"))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    CertSource::SelfManaged {
+                        namespace,
+                        service,
+                        secret,
+                        configuration,
+                    } => match ensure(&client, namespace, service, secret).await {
+                        Ok((issued, bundle)) if issued.cert_pem != last_cert => {
+                            last_cert = issued.cert_pem.clone();
+                            let published = publish_ca(&client, configuration, &bundle).await;
+                            config
+                                .reload_from_pem(
+                                    issued.cert_pem.into_bytes(),
+                                    issued.key_pem.into_bytes(),
+                                )
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and(published)
+                        }
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    },
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "could not refresh the webhook certificate; serving the current one");
+                }
+            }
+        })
+    };
+    tracing::info!(%addr, "serving the injection webhook");
+    let served = axum_server::bind_rustls(addr, config)
+        .handle(handle)
+        .serve(crate::webhook::router(ctx).into_make_service())
+        .await;
+    refresh.abort();
+    served.context("the injection webhook server stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::fixtures::*;
+
+    #[test]
+    fn certificates_are_renewed_a_month_before_they_expire() {
+        let now: Timestamp = "2026-11-22T00:00:00Z".parse().unwrap();
+        assert!(needs_renewal(None, now));
+        assert!(needs_renewal(
+            Some(now + SignedDuration::from_hours(29 * 24)),
+            now
+        ));
+        assert!(!needs_renewal(
+            Some(now + SignedDuration::from_hours(31 * 24)),
+            now
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_webhook_serves_tls_with_a_certificate_it_issued_and_publishes_its_ca() {
+        let api = FakeApi::default();
+        let webhook_config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": { "name": "loupe" },
+            "webhooks": [{
+                "name": WEBHOOK_NAME, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "clientConfig": { "service": { "name": "loupe", "namespace": "loupe-system", "path": "/mutate-pods" } },
+            }],
+        }))
+        .unwrap();
+        api.put(&webhook_config);
+        let (ctx, _server) = context(&api, &FakeTopics::default());
+        let handle = axum_server::Handle::new();
+        let source = CertSource::SelfManaged {
+            namespace: "loupe-system".into(),
+            service: "loupe".into(),
+            secret: "loupe-webhook-tls".into(),
+            configuration: "loupe".into(),
+        };
+        let server = tokio::spawn(serve(
+            ctx,
+            "127.0.0.1:0".parse().unwrap(),
+            source,
+            handle.clone(),
+        ));
+        let addr = tokio::time::timeout(Duration::from_secs(10), handle.listening())
+            .await
+            .unwrap()
+            .expect("the webhook listens");
+
+        // The Secret holds the CA and the certificate; the configuration trusts the CA.
+        let secret: Secret = serde_json::from_value(
+            api.get("/api/v1/namespaces/loupe-system/secrets/loupe-webhook-tls")
+                .unwrap(),
+        )
+        .unwrap();
+        let ca = text(&secret, "ca.crt").unwrap();
+        assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"));
+        let published = api
+            .get("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/loupe")
+            .unwrap();
+        use base64::Engine;
+        let bundle = base64::engine::general_purpose::STANDARD
+            .decode(
+                published["webhooks"][0]["clientConfig"]["caBundle"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8(bundle).unwrap(), ca);
+
+        // A client trusting only that CA reaches the webhook by its Service name.
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .resolve("loupe.loupe-system.svc", addr)
+            .build()
+            .unwrap();
+        let review = json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1", "kind": { "group": "", "version": "v1", "kind": "Pod" },
+                "resource": { "group": "", "version": "v1", "resource": "pods" },
+                "namespace": "shop", "operation": "CREATE", "userInfo": {},
+                "object": { "apiVersion": "v1", "kind": "Pod", "metadata": { "name": "p", "namespace": "shop" },
+                            "spec": { "containers": [{ "name": "c", "image": "i" }] } },
+            },
+        });
+        let answer: Value = client
+            .post(format!(
+                "https://loupe.loupe-system.svc:{}/mutate-pods",
+                addr.port()
+            ))
+            .json(&review)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["response"]["uid"], "u-1");
+        assert_eq!(answer["response"]["allowed"], true);
+
+        // Restarting reuses the stored certificate rather than issuing another.
+        let (again, _) = ensure(
+            &context(&api, &FakeTopics::default()).0.client,
+            "loupe-system",
+            "loupe",
+            "loupe-webhook-tls",
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.ca_pem, ca);
+        assert_rbac_allows(&api.calls());
+        handle.graceful_shutdown(Some(Duration::from_secs(1)));
+        let _ = server.await;
+    }
+}
