@@ -524,13 +524,7 @@ async fn delete_project_data(project: &TraceProject, ctx: &Context) -> Result<Ac
     let ns = project.namespace().unwrap_or_default();
     let name = project.name_any();
     let tenant = format!("{ns}/{name}");
-    let platform_ns = project
-        .spec
-        .platform_ref
-        .namespace
-        .clone()
-        .unwrap_or_else(|| ns.clone());
-    let platform_name = &project.spec.platform_ref.name;
+    let (platform_ns, platform_name) = project.platform();
     let Some(platform) = Api::<TracePlatform>::namespaced(client.clone(), &platform_ns)
         .get_opt(platform_name)
         .await?
@@ -654,13 +648,7 @@ pub async fn reconcile_project(
             .await?;
     }
 
-    let platform_ns = project
-        .spec
-        .platform_ref
-        .namespace
-        .clone()
-        .unwrap_or_else(|| ns.clone());
-    let platform_name = &project.spec.platform_ref.name;
+    let (platform_ns, platform_name) = project.platform();
     let platform = Api::<TracePlatform>::namespaced(client.clone(), &platform_ns)
         .get_opt(platform_name)
         .await?;
@@ -973,13 +961,7 @@ async fn alert_source(
     let base = match &ctx.alerts.query_url {
         Some(url) => url.clone(),
         None => {
-            let platform_ns = project
-                .spec
-                .platform_ref
-                .namespace
-                .clone()
-                .unwrap_or_else(|| ns.to_owned());
-            let name = &project.spec.platform_ref.name;
+            let (platform_ns, name) = project.platform();
             match Api::<TracePlatform>::namespaced(client.clone(), &platform_ns)
                 .get_opt(name)
                 .await?

@@ -392,6 +392,20 @@ pub struct PlatformRef {
     pub namespace: Option<String>,
 }
 
+impl TraceProject {
+    /// The namespace and name of the project's TracePlatform (the project's own
+    /// namespace when the reference names none).
+    pub fn platform(&self) -> (String, &str) {
+        let r = &self.spec.platform_ref;
+        let ns = r
+            .namespace
+            .clone()
+            .or_else(|| kube::ResourceExt::namespace(self))
+            .unwrap_or_default();
+        (ns, &r.name)
+    }
+}
+
 /// A project's environment.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

@@ -105,13 +105,7 @@ async fn decide(ctx: &Context, ns: &str, pod: &Pod) -> Result<Option<Pod>, Strin
         Choice::Skip(warning) => return Err(warning),
         Choice::Inject(p) => p,
     };
-    let platform_ns = project
-        .spec
-        .platform_ref
-        .namespace
-        .clone()
-        .unwrap_or_else(|| ns.to_owned());
-    let platform_name = &project.spec.platform_ref.name;
+    let (platform_ns, platform_name) = project.platform();
     let platform = Api::<TracePlatform>::namespaced(client.clone(), &platform_ns)
         .get_opt(platform_name)
         .await
