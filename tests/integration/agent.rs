@@ -166,6 +166,44 @@ async fn spans_wait_for_an_upstream_that_comes_back_and_none_is_lost() {
 }
 
 #[tokio::test]
+async fn an_upstream_that_goes_away_mid_stream_and_comes_back_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("standalone");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut standalone = Loupe::start(&data, &["--grpc-addr", &addr]);
+    let agent = agent(&format!("http://{addr}"), &dir.path().join("agent"), &[]);
+    let first = python_send("grpc", &agent.grpc, 30);
+    eventually(Duration::from_secs(15), || async {
+        let n = agent_metric(&agent, "loupe_agent_spans_sent_total").await;
+        (n == 60.0).then_some(()).ok_or(format!("{n} spans sent"))
+    })
+    .await;
+    // The upstream stops (flushing what it took); the application keeps sending.
+    standalone.terminate();
+    let second = python_send("http", &agent.http, 30);
+    eventually(Duration::from_secs(10), || async {
+        let r = agent_metric(&agent, "loupe_agent_export_retries_total").await;
+        (r >= 1.0).then_some(()).ok_or(format!("{r} retries"))
+    })
+    .await;
+    // Back on the same address, with the same data.
+    let standalone = Loupe::start(&data, &["--grpc-addr", &addr]);
+    let want: HashSet<String> = first.into_iter().chain(second).collect();
+    eventually(Duration::from_secs(40), || async {
+        let got = stored_ids(&standalone).await;
+        (got == want)
+            .then_some(())
+            .ok_or(format!("{} of {} traces", got.len(), want.len()))
+    })
+    .await;
+    assert_eq!(
+        agent_metric(&agent, "loupe_agent_spans_sent_total").await,
+        120.0
+    );
+}
+
+#[tokio::test]
 async fn beyond_the_queue_bound_spans_are_dropped_counted_and_reported() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
