@@ -196,57 +196,71 @@ struct Item {
 
 /// The bounded queue: waiting items plus the batch in flight, in bytes.
 struct Queue {
-    inner: Mutex<(VecDeque<Item>, usize)>,
+    inner: Mutex<Held>,
     max_bytes: usize,
     ready: tokio::sync::Notify,
     metrics: AgentMetrics,
 }
 
+#[derive(Default)]
+struct Held {
+    items: VecDeque<Item>,
+    /// Bytes of the waiting items and of the batch in flight.
+    bytes: usize,
+    /// Spans of the waiting items.
+    spans: usize,
+}
+
 impl Queue {
+    fn new(max_bytes: usize, metrics: AgentMetrics) -> Queue {
+        Queue {
+            inner: Mutex::new(Held::default()),
+            max_bytes,
+            ready: tokio::sync::Notify::new(),
+            metrics,
+        }
+    }
+
     /// Adds `item`, or gives it back when it does not fit.
     fn push(&self, item: Item) -> Result<(), Item> {
-        let mut inner = self.inner.lock().expect("queue lock");
-        if inner.1 + item.bytes > self.max_bytes {
+        let mut held = self.inner.lock().expect("queue lock");
+        if held.bytes + item.bytes > self.max_bytes {
             return Err(item);
         }
-        inner.1 += item.bytes;
-        self.metrics.queue_bytes.set(inner.1 as i64);
-        inner.0.push_back(item);
-        drop(inner);
+        held.bytes += item.bytes;
+        held.spans += item.spans;
+        self.metrics.queue_bytes.set(held.bytes as i64);
+        held.items.push_back(item);
+        drop(held);
         self.ready.notify_one();
         Ok(())
     }
 
     fn spans_waiting(&self) -> usize {
-        self.inner
-            .lock()
-            .expect("queue lock")
-            .0
-            .iter()
-            .map(|i| i.spans)
-            .sum()
+        self.inner.lock().expect("queue lock").spans
     }
 
     /// Takes items up to `max_spans` (at least one); their bytes stay counted until
     /// [`Queue::release`].
     fn take(&self, max_spans: usize) -> Vec<Item> {
-        let mut inner = self.inner.lock().expect("queue lock");
+        let mut held = self.inner.lock().expect("queue lock");
         let mut out = Vec::new();
         let mut spans = 0;
-        while let Some(front) = inner.0.front() {
+        while let Some(front) = held.items.front() {
             if !out.is_empty() && spans + front.spans > max_spans {
                 break;
             }
             spans += front.spans;
-            out.push(inner.0.pop_front().expect("front exists"));
+            out.push(held.items.pop_front().expect("front exists"));
         }
+        held.spans -= spans;
         out
     }
 
     fn release(&self, bytes: usize) {
-        let mut inner = self.inner.lock().expect("queue lock");
-        inner.1 = inner.1.saturating_sub(bytes);
-        self.metrics.queue_bytes.set(inner.1 as i64);
+        let mut held = self.inner.lock().expect("queue lock");
+        held.bytes = held.bytes.saturating_sub(bytes);
+        self.metrics.queue_bytes.set(held.bytes as i64);
     }
 }
 
@@ -786,12 +800,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
-    let queue = Arc::new(Queue {
-        inner: Mutex::new((VecDeque::new(), 0)),
-        max_bytes: args.max_queue_bytes,
-        ready: tokio::sync::Notify::new(),
-        metrics: metrics.clone(),
-    });
+    let queue = Arc::new(Queue::new(args.max_queue_bytes, metrics.clone()));
     let receiver = Arc::new(Receiver {
         queue: queue.clone(),
         ratio: args.sampling_ratio,
@@ -896,12 +905,7 @@ mod tests {
 
     #[test]
     fn the_queue_holds_at_most_its_bytes_in_flight_included() {
-        let q = Queue {
-            inner: Mutex::new((VecDeque::new(), 0)),
-            max_bytes: 100,
-            ready: tokio::sync::Notify::new(),
-            metrics: AgentMetrics::default(),
-        };
+        let q = Queue::new(100, AgentMetrics::default());
         assert!(q.push(item(10, 60)).is_ok());
         assert!(q.push(item(5, 50)).is_err(), "110 > 100");
         assert!(q.push(item(5, 40)).is_ok());

@@ -2,7 +2,7 @@
 //! `loupe gate` (pass or fail a deployment on scores, latency, errors and cost).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use loupe_querier::alerts::{
@@ -18,12 +18,6 @@ pub struct Source {
     /// The project's query key; not needed while the server lists no keys.
     #[arg(long, env = "LOUPE_QUERY_KEY", hide_env_values = true)]
     key: Option<String>,
-}
-
-fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 #[derive(clap::Subcommand)]
@@ -53,7 +47,7 @@ pub async fn run_alerts(cmd: Alerts) -> anyhow::Result<()> {
     let parsed =
         RulesFile::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", rules.display()))?;
     let data = HttpData::new(&source.url, source.key.clone());
-    let now = now_ns();
+    let now = loupe_querier::api::now_ns();
     let mut rows = Vec::new();
     let mut failed = 0;
     for (named, rule) in &parsed {
@@ -220,10 +214,12 @@ fn filter_map(flag: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, S
             .split_once('=')
             .with_context(|| format!("{flag} {f:?} is not KEY=VALUE"))?;
         let k = k.trim();
-        if !loupe_querier::alerts::FILTERS.contains(&k) {
+        if !loupe_querier::stats::filter_names().any(|f| f == k) {
             bail!(
                 "{flag}: unknown filter {k:?}; one of {}",
-                loupe_querier::alerts::FILTERS.join(", ")
+                loupe_querier::stats::filter_names()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         out.insert(k.to_owned(), v.trim().to_owned());
@@ -297,7 +293,7 @@ pub async fn run_gate(args: GateArgs) -> anyhow::Result<()> {
     }
 
     let data = HttpData::new(&args.source.url, args.source.key.clone());
-    let end = loupe_querier::alerts::whole_seconds_after(now_ns());
+    let end = loupe_querier::alerts::whole_seconds_after(loupe_querier::api::now_ns());
     let start = end - since.as_nanos() as i64;
     let mut checks = Vec::new();
     let score_avg = async |name: &str, filters: &BTreeMap<String, String>| {

@@ -166,19 +166,20 @@ where
     Ok(())
 }
 
+/// A Secret's value for `key`, when it is there and is text.
+pub fn secret_text(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()?
+        .get(key)
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+}
+
 /// The key hashes of a project's key Secret, if it holds both keys.
 pub fn secret_keys(secret: &Secret) -> Option<ProjectKeys> {
-    let get = |k: &str| {
-        secret
-            .data
-            .as_ref()?
-            .get(k)
-            .and_then(|v| std::str::from_utf8(&v.0).ok())
-            .map(str::to_owned)
-    };
     Some(ProjectKeys {
-        ingest: KeyHash::of(&get(INGEST_KEY)?),
-        query: KeyHash::of(&get(QUERY_KEY)?),
+        ingest: KeyHash::of(&secret_text(secret, INGEST_KEY)?),
+        query: KeyHash::of(&secret_text(secret, QUERY_KEY)?),
     })
 }
 
@@ -946,12 +947,7 @@ async fn alert_source(
     let key = Api::<Secret>::namespaced(client.clone(), ns)
         .get_opt(&secret_name)
         .await?
-        .and_then(|s| {
-            s.data
-                .as_ref()
-                .and_then(|d| d.get(QUERY_KEY))
-                .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        });
+        .and_then(|s| secret_text(&s, QUERY_KEY));
     let Some(key) = key else {
         return Ok(Err((
             "KeysNotReady",

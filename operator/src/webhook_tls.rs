@@ -21,7 +21,7 @@ use rcgen::{
 };
 use serde_json::json;
 
-use crate::controller::Context;
+use crate::controller::{Context, secret_text as text};
 
 /// The webhook's name in the MutatingWebhookConfiguration (the chart's).
 pub const WEBHOOK_NAME: &str = "inject.loupe.dev";
@@ -108,14 +108,6 @@ pub fn issue(service: &str, namespace: &str, now: Timestamp) -> Result<Issued, r
 /// Whether a certificate expiring at `not_after` is due for renewal at `now`.
 pub fn needs_renewal(not_after: Option<Timestamp>, now: Timestamp) -> bool {
     not_after.is_none_or(|t| t.duration_since(now) < RENEW_BEFORE)
-}
-
-fn text(secret: &Secret, key: &str) -> Option<String> {
-    secret
-        .data
-        .as_ref()?
-        .get(key)
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 fn stored(secret: &Secret) -> Option<Issued> {

@@ -226,33 +226,21 @@ impl AlertRunner {
                 _ = &mut shutdown => return,
                 _ = tick.tick() => {}
             }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i64);
-            self.pass(&data, now).await;
+            self.pass(&data, crate::api::now_ns()).await;
         }
     }
 }
 
 /// Loads a rules file for `default` (the tenant of rules that name no project).
 pub fn load_rules(text: &str, default: &TenantId) -> Result<Vec<LoadedRule>, String> {
-    let parsed = crate::alerts::RulesFile::parse(text)?;
-    parsed
+    Ok(crate::alerts::RulesFile::parse(text)?
         .into_iter()
-        .map(|(named, rule)| {
-            let tenant = match &named.project {
-                Some(p) => p
-                    .parse()
-                    .map_err(|e| format!("{}: project: {e}", named.name))?,
-                None => default.clone(),
-            };
-            Ok(LoadedRule {
-                named,
-                rule,
-                tenant,
-            })
+        .map(|(named, rule)| LoadedRule {
+            tenant: named.project.clone().unwrap_or_else(|| default.clone()),
+            named,
+            rule,
         })
-        .collect()
+        .collect())
 }
 
 /// The states of one tenant's rules.

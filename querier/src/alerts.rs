@@ -105,21 +105,6 @@ pub struct RuleSpec {
     pub filters: BTreeMap<String, String>,
 }
 
-/// The filter names a rule accepts (those of the metrics API).
-pub const FILTERS: [&str; 11] = [
-    "service",
-    "name",
-    "model",
-    "provider",
-    "feature",
-    "environment",
-    "prompt_name",
-    "prompt_version",
-    "user_id",
-    "session_id",
-    "llm_kind",
-];
-
 /// Latency percentiles the metrics API serves.
 pub const PERCENTILES: [f64; 3] = [50.0, 95.0, 99.0];
 
@@ -226,10 +211,10 @@ impl RuleSpec {
             (_, p) => p.unwrap_or(99.0),
         };
         for key in self.filters.keys() {
-            if !FILTERS.contains(&key.as_str()) {
+            if !crate::stats::filter_names().any(|f| f == key) {
                 return Err(format!(
                     "filters: unknown filter {key:?}; one of {}",
-                    FILTERS.join(", ")
+                    crate::stats::filter_names().collect::<Vec<_>>().join(", ")
                 ));
             }
         }
@@ -646,7 +631,7 @@ pub struct NamedRule {
     pub name: String,
     /// The project (`<namespace>/<project>`), when the file names one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub project: Option<String>,
+    pub project: Option<loupe_core::TenantId>,
     #[serde(flatten)]
     pub spec: RuleSpec,
     /// Where notifications go.
@@ -678,11 +663,10 @@ impl RulesFile {
             };
             let name = text_field(fields.remove("name"), "name")?
                 .ok_or_else(|| format!("rules[{i}]: every rule needs a name"))?;
-            let project = text_field(fields.remove("project"), "project")?;
-            if let Some(p) = &project {
-                p.parse::<loupe_core::TenantId>()
-                    .map_err(|e| format!("rules[{i}] ({name}): project: {e}"))?;
-            }
+            let project = text_field(fields.remove("project"), "project")?
+                .map(|p| p.parse::<loupe_core::TenantId>())
+                .transpose()
+                .map_err(|e| format!("rules[{i}] ({name}): project: {e}"))?;
             let notify: Vec<crate::notify::Target> = match fields.remove("notify") {
                 None => Vec::new(),
                 Some(v) => serde_json::from_value(v)
@@ -916,7 +900,10 @@ mod tests {
             "rules:\n- name: cost\n  project: team-a/chat\n  kind: cost_spike\n  window: 1h\n  threshold: 2\n  for: 15m\n",
         )
         .unwrap();
-        assert_eq!(ok[0].0.project.as_deref(), Some("team-a/chat"));
+        assert_eq!(
+            ok[0].0.project.as_ref().map(ToString::to_string).as_deref(),
+            Some("team-a/chat")
+        );
         assert_eq!(ok[0].1.for_duration, Duration::from_secs(900));
         assert_eq!(ok[0].1.baseline, Duration::from_secs(7 * 86_400));
         let typo = RulesFile::parse(

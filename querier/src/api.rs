@@ -687,7 +687,8 @@ async fn llm_metrics(
     Ok(axum::Json(result?).into_response())
 }
 
-fn now_ns() -> i64 {
+/// Now, Unix nanoseconds.
+pub fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX)
 }
 

@@ -261,24 +261,32 @@ pub const METRICS_PARAMS: [&str; 19] = [
     "environment",
 ];
 
+/// The equality filters of the metrics API (each one names its [`Dimension`]).
+pub const FILTER_PARAMS: [(&str, Dimension); 11] = [
+    ("model", Dimension::Model),
+    ("provider", Dimension::Provider),
+    ("service", Dimension::Service),
+    ("name", Dimension::Name),
+    ("llm_kind", Dimension::LlmKind),
+    ("user_id", Dimension::User),
+    ("session_id", Dimension::Session),
+    ("prompt_name", Dimension::PromptName),
+    ("prompt_version", Dimension::PromptVersion),
+    ("environment", Dimension::Environment),
+    ("feature", Dimension::Feature),
+];
+
+/// The names of [`FILTER_PARAMS`], for checks and messages.
+pub fn filter_names() -> impl Iterator<Item = &'static str> {
+    FILTER_PARAMS.iter().map(|(k, _)| *k)
+}
+
 /// The equality filters of a metrics query (`model=`, `service=`, …), in a fixed
 /// order; the caller checks for unknown parameters.
 pub fn parse_filters(p: &HashMap<String, String>) -> Result<Vec<(Dimension, String)>, String> {
     let get = |k: &str| p.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
     let mut filters = Vec::new();
-    for (key, dim) in [
-        ("model", Dimension::Model),
-        ("provider", Dimension::Provider),
-        ("service", Dimension::Service),
-        ("name", Dimension::Name),
-        ("llm_kind", Dimension::LlmKind),
-        ("user_id", Dimension::User),
-        ("session_id", Dimension::Session),
-        ("prompt_name", Dimension::PromptName),
-        ("prompt_version", Dimension::PromptVersion),
-        ("environment", Dimension::Environment),
-        ("feature", Dimension::Feature),
-    ] {
+    for (key, dim) in FILTER_PARAMS {
         if let Some(v) = get(key) {
             let v = if dim == Dimension::LlmKind {
                 LlmKind::parse(v)

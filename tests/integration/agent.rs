@@ -82,6 +82,17 @@ async fn agent_metric(agent: &Loupe, name: &str) -> f64 {
     metric(&text, name)
 }
 
+/// Waits until `loupe` stores exactly the traces `want`.
+async fn stores_exactly(loupe: &Loupe, want: &HashSet<String>, timeout: Duration) {
+    eventually(timeout, || async {
+        let got = stored_ids(loupe).await;
+        (&got == want)
+            .then_some(())
+            .ok_or(format!("{} stored, {} expected", got.len(), want.len()))
+    })
+    .await;
+}
+
 async fn stored_ids(loupe: &Loupe) -> HashSet<String> {
     loupe.search_ids("").await.into_iter().collect()
 }
@@ -141,13 +152,7 @@ async fn spans_wait_for_an_upstream_that_comes_back_and_none_is_lost() {
 
     let standalone = Loupe::start(dir.path(), &["--grpc-addr", &format!("127.0.0.1:{port}")]);
     let want: HashSet<String> = first.into_iter().chain(second).collect();
-    eventually(Duration::from_secs(40), || async {
-        let got = stored_ids(&standalone).await;
-        (got == want)
-            .then_some(())
-            .ok_or(format!("{} of {} traces", got.len(), want.len()))
-    })
-    .await;
+    stores_exactly(&standalone, &want, Duration::from_secs(40)).await;
     assert_eq!(
         agent_metric(&agent, "loupe_agent_spans_sent_total").await,
         200.0
@@ -190,13 +195,7 @@ async fn an_upstream_that_goes_away_mid_stream_and_comes_back_loses_nothing() {
     // Back on the same address, with the same data.
     let standalone = Loupe::start(&data, &["--grpc-addr", &addr]);
     let want: HashSet<String> = first.into_iter().chain(second).collect();
-    eventually(Duration::from_secs(40), || async {
-        let got = stored_ids(&standalone).await;
-        (got == want)
-            .then_some(())
-            .ok_or(format!("{} of {} traces", got.len(), want.len()))
-    })
-    .await;
+    stores_exactly(&standalone, &want, Duration::from_secs(40)).await;
     assert_eq!(
         agent_metric(&agent, "loupe_agent_spans_sent_total").await,
         120.0
@@ -246,13 +245,7 @@ async fn beyond_the_queue_bound_spans_are_dropped_counted_and_reported() {
     // What was accepted arrives once the upstream is there.
     let standalone = Loupe::start(dir.path(), &["--grpc-addr", &format!("127.0.0.1:{port}")]);
     let want: HashSet<String> = accepted.into_iter().collect();
-    eventually(Duration::from_secs(40), || async {
-        let got = stored_ids(&standalone).await;
-        (got == want)
-            .then_some(())
-            .ok_or(format!("{} of {} traces", got.len(), want.len()))
-    })
-    .await;
+    stores_exactly(&standalone, &want, Duration::from_secs(40)).await;
 }
 
 /// The sampling rule, as documented: the trace id's last 7 bytes below ratio × 2^56.
@@ -277,13 +270,7 @@ async fn head_sampling_keeps_exactly_the_traces_its_ratio_selects() {
     let sent = python_send("grpc", &agent.grpc, 200);
     let want: HashSet<String> = sent.iter().filter(|t| kept(t, 0.25)).cloned().collect();
     assert!((20..80).contains(&want.len()), "{}", want.len());
-    eventually(Duration::from_secs(15), || async {
-        let got = stored_ids(&standalone).await;
-        (got == want)
-            .then_some(())
-            .ok_or(format!("{} stored, {} expected", got.len(), want.len()))
-    })
-    .await;
+    stores_exactly(&standalone, &want, Duration::from_secs(15)).await;
     let sampled = agent_metric(
         &agent,
         "loupe_agent_spans_dropped_total{reason=\"sampled\"}",
