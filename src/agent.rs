@@ -42,8 +42,8 @@ use crate::server::{bind, parse_duration, say, serve, shutdown_signal};
 pub struct Args {
     /// Where spans go: the ingester's OTLP endpoint, gRPC (`http://host:4317`) or
     /// HTTP (`http://host:4318`, with `--upstream-protocol http`).
-    #[arg(long, env = "LOUPE_AGENT_UPSTREAM")]
-    upstream: String,
+    #[arg(long, env = "LOUPE_AGENT_UPSTREAM", required_unless_present = "probe")]
+    upstream: Option<String>,
     /// The upstream's protocol.
     #[arg(
         long,
@@ -68,6 +68,11 @@ pub struct Args {
         default_value = "127.0.0.1:9464"
     )]
     metrics_addr: SocketAddr,
+    /// Check the health of the agent listening on `--metrics-addr` and exit: 0 when
+    /// it is up (the sidecar's startup probe, which must run inside the pod since
+    /// the agent listens on loopback only).
+    #[arg(long)]
+    probe: bool,
     /// Share of traces kept, decided on the trace id (the same trace is kept or dropped
     /// by every agent), e.g. `0.25`.
     #[arg(long, env = "LOUPE_SAMPLING_RATIO", default_value_t = 1.0)]
@@ -765,7 +770,29 @@ fn loopback(addr: SocketAddr, flag: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--probe`: the agent's `/health` on `addr` answers 200.
+async fn probe(addr: SocketAddr) -> anyhow::Result<()> {
+    let url = format!("http://{addr}/health");
+    let answer = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("no agent answers at {url}"))?;
+    if !answer.status().is_success() {
+        bail!("{url} answered {}", answer.status());
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.probe {
+        return probe(args.metrics_addr).await;
+    }
+    let Some(upstream_url) = args.upstream.clone() else {
+        bail!("--upstream is required");
+    };
     let started = Instant::now();
     loopback(args.grpc_addr, "--grpc-addr")?;
     loopback(args.http_addr, "--http-addr")?;
@@ -796,7 +823,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ..Default::default()
         });
     }
-    let upstream = Upstream::new(&args.upstream, args.upstream_protocol, args.key.clone())?;
+    let upstream = Upstream::new(&upstream_url, args.upstream_protocol, args.key.clone())?;
 
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry);
@@ -841,7 +868,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     say(&format!(
         "loupe agent is running (started in {} ms)\n  otlp-grpc  {grpc_local}\n  otlp-http  http://{http_local}/v1/traces\n  metrics    http://{ops_local}/metrics\n  upstream   {} ({:?}, sampling ratio {})",
         started.elapsed().as_millis(),
-        args.upstream,
+        upstream_url,
         args.upstream_protocol,
         args.sampling_ratio
     ));

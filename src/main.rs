@@ -133,9 +133,24 @@ mod operator_cmd {
         /// The MutatingWebhookConfiguration whose caBundle the operator keeps.
         #[arg(long, default_value = "loupe")]
         webhook_configuration: String,
+        /// The URL the API server calls the webhook at when that is not the Service
+        /// (an operator running outside the cluster, whose configuration names this
+        /// URL in `clientConfig.url`): the self-managed certificate is valid for its
+        /// host too.
+        #[arg(long, env = "LOUPE_WEBHOOK_URL")]
+        webhook_url: Option<url::Url>,
     }
 
     pub async fn run(args: Args) -> anyhow::Result<()> {
+        let webhook_hosts = match &args.webhook_url {
+            Some(url) => match url.host() {
+                Some(url::Host::Domain(d)) => vec![d.to_owned()],
+                Some(url::Host::Ipv4(ip)) => vec![ip.to_string()],
+                Some(url::Host::Ipv6(ip)) => vec![ip.to_string()],
+                None => anyhow::bail!("--webhook-url {url} has no host"),
+            },
+            None => Vec::new(),
+        };
         let identity = args
             .identity
             .unwrap_or_else(|| format!("loupe-operator-{}", std::process::id()));
@@ -166,6 +181,7 @@ mod operator_cmd {
                             None => loupe_operator::webhook_tls::CertSource::SelfManaged {
                                 namespace: args.lease_namespace.clone(),
                                 service: args.webhook_service,
+                                hosts: webhook_hosts,
                                 secret: args.webhook_secret,
                                 configuration: args.webhook_configuration,
                             },

@@ -28,6 +28,8 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const AGENT_GRPC_PORT: u16 = 4317;
 pub const AGENT_HTTP_PORT: u16 = 4318;
 pub const AGENT_METRICS_PORT: u16 = 9464;
+/// Where the image keeps the `loupe` binary (the startup probe runs it).
+pub const AGENT_BINARY: &str = "/usr/local/bin/loupe";
 
 /// What to do with a pod.
 #[derive(Debug)]
@@ -217,8 +219,13 @@ pub fn agent_container(pod: &Pod, project: &TraceProject, platform: &TracePlatfo
         ],
         "resources": resources,
         // The application starts once the agent answers.
+        // The agent listens on loopback only, which the kubelet's HTTP probes cannot
+        // reach (their `host` would be the node's): the probe runs in the container.
         "startupProbe": {
-            "httpGet": { "host": "127.0.0.1", "path": "/health", "port": AGENT_METRICS_PORT },
+            "exec": { "command": [
+                AGENT_BINARY, "agent", "--probe",
+                format!("--metrics-addr=127.0.0.1:{AGENT_METRICS_PORT}"),
+            ] },
             "periodSeconds": 1,
             "failureThreshold": 30,
         },

@@ -27,6 +27,9 @@ use crate::controller::{Context, secret_text as text};
 pub const WEBHOOK_NAME: &str = "inject.loupe.dev";
 /// Annotation on the Secret: when its serving certificate expires.
 pub const NOT_AFTER_ANNOTATION: &str = "loupe.dev/not-after";
+/// Annotation on the Secret: the names its certificate is valid for, comma-separated
+/// (a certificate for other names is issued again).
+pub const NAMES_ANNOTATION: &str = "loupe.dev/names";
 /// Certificates are issued for a year and renewed a month before they expire.
 const VALIDITY: SignedDuration = SignedDuration::from_hours(365 * 24);
 const RENEW_BEFORE: SignedDuration = SignedDuration::from_hours(30 * 24);
@@ -44,6 +47,10 @@ pub enum CertSource {
         namespace: String,
         /// The Service the API server calls (`<service>.<namespace>.svc`).
         service: String,
+        /// More names (DNS names or IP addresses) the certificate is valid for: the
+        /// host of the webhook's URL when the API server calls the operator outside
+        /// the cluster (`--webhook-url`).
+        hosts: Vec<String>,
         secret: String,
         /// The MutatingWebhookConfiguration whose `caBundle` the operator keeps.
         configuration: String,
@@ -59,8 +66,25 @@ pub struct Issued {
     pub not_after: Timestamp,
 }
 
-/// Issues a fresh CA and a serving certificate for `service` in `namespace`.
-pub fn issue(service: &str, namespace: &str, now: Timestamp) -> Result<Issued, rcgen::Error> {
+/// The names a certificate for `service` in `namespace` is valid for, then `hosts`.
+pub fn names(service: &str, namespace: &str, hosts: &[String]) -> Vec<String> {
+    let mut names = vec![
+        service.to_owned(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ];
+    for host in hosts {
+        if !names.contains(host) {
+            names.push(host.clone());
+        }
+    }
+    names
+}
+
+/// Issues a fresh CA and a serving certificate for `names` (the first is the
+/// Service's; IP addresses become IP names).
+pub fn issue(names: &[String], now: Timestamp) -> Result<Issued, rcgen::Error> {
     let date = |t: Timestamp| {
         let d = t.to_zoned(k8s_openapi::jiff::tz::TimeZone::UTC).date();
         rcgen::date_time_ymd(d.year().into(), d.month() as u8, d.day() as u8)
@@ -83,16 +107,9 @@ pub fn issue(service: &str, namespace: &str, now: Timestamp) -> Result<Issued, r
     let issuer = Issuer::new(ca, ca_key);
 
     let key = KeyPair::generate()?;
-    let names = vec![
-        service.to_owned(),
-        format!("{service}.{namespace}"),
-        format!("{service}.{namespace}.svc"),
-        format!("{service}.{namespace}.svc.cluster.local"),
-    ];
-    let mut params = CertificateParams::new(names)?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{service}.{namespace}.svc"));
+    let mut params = CertificateParams::new(names.to_vec())?;
+    let common = names.get(2).or(names.first()).cloned().unwrap_or_default();
+    params.distinguished_name.push(DnType::CommonName, common);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = date(yesterday);
     params.not_after = date(not_after);
@@ -110,14 +127,13 @@ pub fn needs_renewal(not_after: Option<Timestamp>, now: Timestamp) -> bool {
     not_after.is_none_or(|t| t.duration_since(now) < RENEW_BEFORE)
 }
 
-fn stored(secret: &Secret) -> Option<Issued> {
-    let not_after = secret
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(NOT_AFTER_ANNOTATION)?
-        .parse()
-        .ok()?;
+/// The certificate in `secret`, when it is complete and valid for `names`.
+fn stored(secret: &Secret, names: &[String]) -> Option<Issued> {
+    let annotations = secret.metadata.annotations.as_ref()?;
+    let not_after = annotations.get(NOT_AFTER_ANNOTATION)?.parse().ok()?;
+    if annotations.get(NAMES_ANNOTATION).map(String::as_str) != Some(&names.join(",")) {
+        return None;
+    }
     Some(Issued {
         cert_pem: text(secret, "tls.crt")?,
         key_pem: text(secret, "tls.key")?,
@@ -133,7 +149,7 @@ fn stored(secret: &Secret) -> Option<Issued> {
 pub async fn ensure(
     client: &Client,
     namespace: &str,
-    service: &str,
+    names: &[String],
     secret_name: &str,
 ) -> Result<(Issued, String), String> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
@@ -143,14 +159,13 @@ pub async fn ensure(
         .map_err(|e| format!("reading Secret {namespace}/{secret_name}: {e}"))?;
     let now = Timestamp::now();
     if let Some(s) = &existing
-        && let Some(issued) = stored(s)
+        && let Some(issued) = stored(s, names)
         && !needs_renewal(Some(issued.not_after), now)
     {
         let bundle = text(s, "ca-bundle.crt").unwrap_or_else(|| issued.ca_pem.clone());
         return Ok((issued, bundle));
     }
-    let issued =
-        issue(service, namespace, now).map_err(|e| format!("issuing a certificate: {e}"))?;
+    let issued = issue(names, now).map_err(|e| format!("issuing a certificate: {e}"))?;
     let previous = existing.as_ref().and_then(|s| text(s, "ca.crt"));
     let bundle = match previous {
         Some(old) if old != issued.ca_pem => format!("{}{old}", issued.ca_pem),
@@ -178,10 +193,10 @@ pub async fn ensure(
         metadata: kube::api::ObjectMeta {
             name: Some(secret_name.to_owned()),
             namespace: Some(namespace.to_owned()),
-            annotations: Some(BTreeMap::from([(
-                NOT_AFTER_ANNOTATION.to_owned(),
-                issued.not_after.to_string(),
-            )])),
+            annotations: Some(BTreeMap::from([
+                (NOT_AFTER_ANNOTATION.to_owned(), issued.not_after.to_string()),
+                (NAMES_ANNOTATION.to_owned(), names.join(",")),
+            ])),
             labels: Some(BTreeMap::from([(
                 "app.kubernetes.io/managed-by".to_owned(),
                 "loupe-operator".to_owned(),
@@ -207,7 +222,7 @@ pub async fn ensure(
         .await
         .ok()
         .flatten()
-        .and_then(|s| stored(&s).map(|i| (i, text(&s, "ca-bundle.crt"))));
+        .and_then(|s| stored(&s, names).map(|i| (i, text(&s, "ca-bundle.crt"))));
     Ok(match stored_now {
         Some((i, b)) => {
             let bundle = b.unwrap_or_else(|| i.ca_pem.clone());
@@ -266,10 +281,11 @@ pub async fn serve(
         CertSource::SelfManaged {
             namespace,
             service,
+            hosts,
             secret,
             configuration,
         } => {
-            let (issued, bundle) = ensure(&client, namespace, service, secret)
+            let (issued, bundle) = ensure(&client, namespace, &names(service, namespace, hosts), secret)
                 .await
                 .map_err(anyhow::Error::msg)?;
             if let Err(e) = publish_ca(&client, configuration, &bundle).await {
@@ -295,9 +311,12 @@ pub async fn serve(
                     CertSource::SelfManaged {
                         namespace,
                         service,
+                        hosts,
                         secret,
                         configuration,
-                    } => match ensure(&client, namespace, service, secret).await {
+                    } => match ensure(&client, namespace, &names(service, namespace, hosts), secret)
+                        .await
+                    {
                         Ok((issued, bundle)) if issued.cert_pem != last_cert => {
                             last_cert = issued.cert_pem.clone();
                             let published = publish_ca(&client, configuration, &bundle).await;
@@ -369,6 +388,7 @@ mod tests {
         let source = CertSource::SelfManaged {
             namespace: "loupe-system".into(),
             service: "loupe".into(),
+            hosts: vec!["127.0.0.1".into()],
             secret: "loupe-webhook-tls".into(),
             configuration: "loupe".into(),
         };
@@ -435,16 +455,37 @@ mod tests {
         assert_eq!(answer["response"]["uid"], "u-1");
         assert_eq!(answer["response"]["allowed"], true);
 
-        // Restarting reuses the stored certificate rather than issuing another.
-        let (again, _) = ensure(
-            &context(&api, &FakeTopics::default()).0.client,
-            "loupe-system",
-            "loupe",
-            "loupe-webhook-tls",
-        )
-        .await
-        .unwrap();
+        // An operator outside the cluster is called by URL: the certificate holds its
+        // host too (here an IP address).
+        let by_ip = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let answer: Value = by_ip
+            .post(format!("https://127.0.0.1:{}/mutate-pods", addr.port()))
+            .json(&review)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+
+        // Restarting reuses the stored certificate rather than issuing another; other
+        // names get a new one.
+        let client = context(&api, &FakeTopics::default()).0.client.clone();
+        let same = names("loupe", "loupe-system", &["127.0.0.1".into()]);
+        let (again, _) = ensure(&client, "loupe-system", &same, "loupe-webhook-tls")
+            .await
+            .unwrap();
         assert_eq!(again.ca_pem, ca);
+        let other = names("loupe", "loupe-system", &[]);
+        let (reissued, bundle) = ensure(&client, "loupe-system", &other, "loupe-webhook-tls")
+            .await
+            .unwrap();
+        assert_ne!(reissued.ca_pem, ca);
+        assert_eq!(bundle, format!("{}{ca}", reissued.ca_pem), "old and new CA trusted");
         assert_rbac_allows(&api.calls());
         handle.graceful_shutdown(Some(Duration::from_secs(1)));
         let _ = server.await;

@@ -129,6 +129,27 @@ async fn sdk_spans_reach_loupe_through_the_agent_with_kubernetes_attributes() {
         agent_metric(&agent, "loupe_agent_spans_sent_total").await,
         12.0
     );
+    // The sidecar's startup probe: `loupe agent --probe` succeeds against a running
+    // agent and fails, saying why, where none listens.
+    let probe = |addr: &str| {
+        Command::new(env!("CARGO_BIN_EXE_loupe"))
+            .args(["agent", "--probe", "--metrics-addr", addr])
+            .output()
+            .unwrap()
+    };
+    let addr = agent
+        .metrics_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_owned();
+    let addr = addr.as_str();
+    let up = probe(addr);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    drop(agent);
+    let down = probe(addr);
+    assert!(!down.status.success());
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(err.contains("no agent answers at"), "{err}");
 }
 
 #[tokio::test]

@@ -4,12 +4,21 @@
 //! children, the key Secrets, the tenant config and the statuses. Skipped (with a
 //! message) otherwise. Everything it creates lives in namespaces named
 //! `loupe-e2e-<random>-…`, deleted at the end.
+//!
+//! The sidecar-injection webhook is tested too when the API server can call the
+//! operator running here: `LOUPE_E2E_WEBHOOK_URL` is the URL it calls
+//! (`https://<this machine, as the cluster reaches it>:9443/mutate-pods`, e.g.
+//! `https://172.18.0.1:9443/mutate-pods` for kind on Linux) and the operator listens
+//! on `LOUPE_E2E_WEBHOOK_ADDR` (default `0.0.0.0:<the URL's port>`). The test registers
+//! a MutatingWebhookConfiguration with that URL, limited to its own namespaces,
+//! creates an annotated pod in a project namespace and reads back the injected spec.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -80,16 +89,46 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
     );
     let namespaces: Api<Namespace> = Api::all(client.clone());
     for ns in [&platform_ns, &dev_ns, &prod_ns] {
-        let obj = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": ns } });
+        let obj = json!({ "apiVersion": "v1", "kind": "Namespace",
+                          "metadata": { "name": ns, "labels": { "loupe.dev/e2e-run": run } } });
         namespaces
             .patch(ns, &apply(), &Patch::Apply(&obj))
             .await
             .unwrap();
     }
 
+    // The injection webhook, registered by URL for this run's namespaces only, before
+    // the operator starts (it publishes its CA into the configuration).
+    let webhook_url = std::env::var("LOUPE_E2E_WEBHOOK_URL").ok();
+    let webhook_configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let webhook_config = format!("{run}-inject");
+    if let Some(url) = &webhook_url {
+        let config = json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": { "name": webhook_config },
+            "webhooks": [{
+                "name": loupe_operator::webhook_tls::WEBHOOK_NAME,
+                "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "failurePolicy": "Ignore", "timeoutSeconds": 5,
+                "clientConfig": { "url": url },
+                "rules": [{ "apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                            "resources": ["pods"], "scope": "Namespaced" }],
+                "namespaceSelector": { "matchLabels": { "loupe.dev/e2e-run": run } },
+            }],
+        });
+        webhook_configs
+            .patch(&webhook_config, &apply(), &Patch::Apply(&config))
+            .await
+            .unwrap();
+    } else {
+        eprintln!(
+            "the injection webhook is not tested: set LOUPE_E2E_WEBHOOK_URL to the URL at which the API server reaches this machine (https://<host>:<port>/mutate-pods)"
+        );
+    }
+
     // The operator, as a process using the kubeconfig.
     let dir = tempfile::tempdir().unwrap();
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "operator",
         "--no-leader-election",
         "--metrics-addr",
@@ -97,6 +136,21 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
     ]
     .map(String::from)
     .to_vec();
+    if let Some(url) = &webhook_url {
+        let port = url::Url::parse(url)
+            .expect("LOUPE_E2E_WEBHOOK_URL is a URL")
+            .port_or_known_default()
+            .unwrap_or(443);
+        let addr = std::env::var("LOUPE_E2E_WEBHOOK_ADDR")
+            .unwrap_or_else(|_| format!("0.0.0.0:{port}"));
+        args.extend([
+            format!("--webhook-addr={addr}"),
+            format!("--webhook-url={url}"),
+            format!("--lease-namespace={platform_ns}"),
+            format!("--webhook-secret={run}-webhook-tls"),
+            format!("--webhook-configuration={webhook_config}"),
+        ]);
+    }
     let operator = Loupe::spawn(
         &args,
         dir.path(),
@@ -375,6 +429,81 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
         )
         .await
         .unwrap();
+
+    // Sidecar injection: the API server calls the webhook for an annotated pod in a
+    // project namespace, and the pod it stores carries the agent.
+    if webhook_url.is_some() {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &prod_ns);
+        let found = std::sync::Mutex::new(None);
+        let f = &found;
+        let ns = &prod_ns;
+        eventually(Duration::from_secs(60), || {
+            let pods = pods.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": { "generateName": "injected-", "namespace": ns,
+                                  "labels": { "app.kubernetes.io/name": "chat-api" },
+                                  "annotations": { "loupe.dev/inject": "true" } },
+                    "spec": { "containers": [{ "name": "app", "image": "registry.invalid/chat:1",
+                                               "env": [{ "name": "OTEL_SERVICE_NAME", "value": "mine" }] }] },
+                }))
+                .unwrap();
+                let created = pods
+                    .create(&Default::default(), &pod)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let name = created.metadata.name.clone().unwrap();
+                // Read back what the API server stored.
+                let stored = pods.get(&name).await.map_err(|e| e.to_string())?;
+                let injected = stored
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(loupe_operator::inject::INJECTED_ANNOTATION));
+                if !injected {
+                    // The webhook may not be called yet (its CA being published).
+                    let _ = pods.delete(&name, &DeleteParams::default()).await;
+                    return Err(format!("pod {name} was admitted without injection"));
+                }
+                *f.lock().unwrap() = Some(stored);
+                Ok(())
+            }
+        })
+        .await;
+        let pod = found.into_inner().unwrap().unwrap();
+        let spec = pod.spec.unwrap();
+        let inits = spec.init_containers.unwrap_or_default();
+        assert_eq!(inits.len(), 1, "{inits:?}");
+        let agent = &inits[0];
+        assert_eq!(agent.name, loupe_operator::inject::AGENT_CONTAINER);
+        assert_eq!(agent.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+        let agent_env = agent.env.clone().unwrap_or_default();
+        let key = agent_env
+            .iter()
+            .find(|e| e.name == "LOUPE_INGEST_KEY")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("the ingest key comes from the project's Secret");
+        assert_eq!(key.name, "chat-loupe-keys");
+        assert_eq!(spec.containers.len(), 1);
+        let env: BTreeMap<String, String> = spec.containers[0]
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect();
+        assert_eq!(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://127.0.0.1:4318");
+        assert_eq!(env["OTEL_SERVICE_NAME"], "mine", "the app's own value is kept");
+        assert!(
+            env["OTEL_RESOURCE_ATTRIBUTES"].contains("deployment.environment=prod"),
+            "{env:?}"
+        );
+        let _ = webhook_configs
+            .delete(&webhook_config, &DeleteParams::default())
+            .await;
+    }
 
     drop(operator);
     for ns in [&platform_ns, &dev_ns, &prod_ns] {
