@@ -134,6 +134,8 @@ pub struct KeyOwner {
     pub tenant: TenantId,
     pub scope: Scope,
     pub name: String,
+    /// The tenant's environment, when the config lists the tenant.
+    pub environment: Option<crate::tenant::Environment>,
 }
 
 /// Why a request was refused. The messages never contain the key.
@@ -161,12 +163,15 @@ impl AuthError {
 #[derive(Clone, Debug, Default)]
 pub struct KeyRing {
     keys: HashMap<KeyHash, KeyOwner>,
+    environments: HashMap<TenantId, crate::tenant::Environment>,
 }
 
 impl KeyRing {
     pub fn from_config(config: &DataPlaneConfig) -> KeyRing {
         let mut keys = HashMap::new();
+        let mut environments = HashMap::new();
         for t in &config.tenants {
+            environments.insert(t.id.clone(), t.environment);
             for k in &t.keys {
                 keys.insert(
                     k.hash,
@@ -174,11 +179,12 @@ impl KeyRing {
                         tenant: t.id.clone(),
                         scope: k.scope,
                         name: k.name.clone(),
+                        environment: Some(t.environment),
                     },
                 );
             }
         }
-        KeyRing { keys }
+        KeyRing { keys, environments }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -195,22 +201,35 @@ impl KeyRing {
 }
 
 /// The key a request carries: `Authorization: Bearer <key>` (what OTLP exporters send
-/// with `OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<key>`) or `x-loupe-key`.
-pub fn credential(headers: &http::HeaderMap) -> Option<&str> {
+/// with `OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<key>`), `x-loupe-key`, or
+/// HTTP Basic with the key as the password (`Authorization: Basic
+/// base64(<anything>:<key>)`, what Langfuse's SDKs send from their public and secret
+/// key: give the Loupe key as the secret key).
+pub fn credential(headers: &http::HeaderMap) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
     if let Some(v) = headers.get(http::header::AUTHORIZATION)
         && let Ok(v) = v.to_str()
     {
         let v = v.trim();
-        if let Some((scheme, token)) = v.split_once(' ')
-            && scheme.eq_ignore_ascii_case("bearer")
-        {
-            return Some(token.trim());
+        if let Some((scheme, token)) = v.split_once(' ') {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return Some(Cow::Borrowed(token.trim()));
+            }
+            if scheme.eq_ignore_ascii_case("basic") {
+                use base64::Engine;
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(token.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())?;
+                let (_, password) = decoded.split_once(':')?;
+                return Some(Cow::Owned(password.trim().to_owned()));
+            }
         }
     }
     headers
         .get("x-loupe-key")
         .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .map(|v| Cow::Borrowed(v.trim()))
 }
 
 /// Who may do what, reloaded with the config.
@@ -253,7 +272,7 @@ impl AccessControl {
         headers: &http::HeaderMap,
         scope: Scope,
     ) -> Result<TenantId, AuthError> {
-        self.authorize_key(credential(headers), scope)
+        self.authorize_key(credential(headers).as_deref(), scope)
     }
 
     pub fn authorize_key(&self, key: Option<&str>, scope: Scope) -> Result<TenantId, AuthError> {
@@ -263,7 +282,7 @@ impl AccessControl {
     /// Whom a request that needs `scope` comes from: the key's tenant and name
     /// (`anonymous` while requests are served without keys).
     pub fn owner(&self, headers: &http::HeaderMap, scope: Scope) -> Result<KeyOwner, AuthError> {
-        self.owner_of_key(credential(headers), scope)
+        self.owner_of_key(credential(headers).as_deref(), scope)
     }
 
     fn owner_of_key(&self, key: Option<&str>, scope: Scope) -> Result<KeyOwner, AuthError> {
@@ -275,6 +294,7 @@ impl AccessControl {
                 tenant: open.clone(),
                 scope,
                 name: "anonymous".into(),
+                environment: ring.environments.get(open).copied(),
             });
         }
         let key = key.filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
@@ -407,17 +427,26 @@ mod tests {
     }
 
     #[test]
-    fn credentials_come_from_bearer_or_x_loupe_key() {
+    fn credentials_come_from_bearer_basic_or_x_loupe_key() {
         let mut h = http::HeaderMap::new();
         assert_eq!(credential(&h), None);
         h.insert("authorization", "Bearer  k1 ".parse().unwrap());
-        assert_eq!(credential(&h), Some("k1"));
+        assert_eq!(credential(&h).as_deref(), Some("k1"));
         let mut h = http::HeaderMap::new();
         h.insert("authorization", "bearer k2".parse().unwrap());
-        assert_eq!(credential(&h), Some("k2"));
+        assert_eq!(credential(&h).as_deref(), Some("k2"));
         let mut h = http::HeaderMap::new();
         h.insert("x-loupe-key", "k3".parse().unwrap());
-        assert_eq!(credential(&h), Some("k3"));
+        assert_eq!(credential(&h).as_deref(), Some("k3"));
+        // Langfuse's SDKs: Basic base64(public key:secret key).
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode("pk-lf-1:loupe_ik_k4");
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", format!("Basic {basic}").parse().unwrap());
+        assert_eq!(credential(&h).as_deref(), Some("loupe_ik_k4"));
+        let mut h = http::HeaderMap::new();
+        h.insert("authorization", "Basic not-base64!".parse().unwrap());
+        assert_eq!(credential(&h), None);
     }
 
     #[test]

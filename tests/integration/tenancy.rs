@@ -613,3 +613,39 @@ async fn require_keys_starts_closed_and_admits_keys_as_they_arrive() {
         "an ingest key cannot read"
     );
 }
+
+#[tokio::test]
+async fn langfuse_sdks_authenticate_with_the_ingest_key_as_their_secret_key() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!("tenants:\n{}", keys.yaml("team-a/chat", "prod")),
+    )
+    .unwrap();
+    let loupe = Loupe::start(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    );
+    // What Langfuse's OTel exporter sends: Basic base64(public key:secret key) to
+    // /api/public/otel/v1/traces.
+    let send = |secret: &str| {
+        let (trace, req) = simple_trace("lf-app", "u");
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("pk-lf-1234:{secret}"));
+        let post = reqwest::Client::new()
+            .post(format!("{}/api/public/otel/v1/traces", loupe.http))
+            .header("content-type", "application/x-protobuf")
+            .header("authorization", format!("Basic {basic}"))
+            .body(prost::Message::encode_to_vec(&req))
+            .send();
+        async move { (hex(&trace), post.await.unwrap().status().as_u16()) }
+    };
+    let (trace, status) = send(&keys.ingest).await;
+    assert_eq!(status, 200);
+    await_status(&loupe, &keys.query, &format!("/api/v1/traces/{trace}"), 200).await;
+    assert_eq!(send("sk-lf-not-a-loupe-key").await.1, 401);
+    assert_eq!(send(&keys.query).await.1, 403, "a query key cannot write");
+}
