@@ -194,7 +194,10 @@ pub async fn ensure(
             name: Some(secret_name.to_owned()),
             namespace: Some(namespace.to_owned()),
             annotations: Some(BTreeMap::from([
-                (NOT_AFTER_ANNOTATION.to_owned(), issued.not_after.to_string()),
+                (
+                    NOT_AFTER_ANNOTATION.to_owned(),
+                    issued.not_after.to_string(),
+                ),
                 (NAMES_ANNOTATION.to_owned(), names.join(",")),
             ])),
             labels: Some(BTreeMap::from([(
@@ -285,9 +288,14 @@ pub async fn serve(
             secret,
             configuration,
         } => {
-            let (issued, bundle) = ensure(&client, namespace, &names(service, namespace, hosts), secret)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let (issued, bundle) = ensure(
+                &client,
+                namespace,
+                &names(service, namespace, hosts),
+                secret,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
             if let Err(e) = publish_ca(&client, configuration, &bundle).await {
                 tracing::warn!(error = %e, "the webhook's CA is not published; the API server will not reach the webhook until it is");
             }
@@ -314,8 +322,13 @@ pub async fn serve(
                         hosts,
                         secret,
                         configuration,
-                    } => match ensure(&client, namespace, &names(service, namespace, hosts), secret)
-                        .await
+                    } => match ensure(
+                        &client,
+                        namespace,
+                        &names(service, namespace, hosts),
+                        secret,
+                    )
+                    .await
                     {
                         Ok((issued, bundle)) if issued.cert_pem != last_cert => {
                             last_cert = issued.cert_pem.clone();
@@ -485,7 +498,11 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(reissued.ca_pem, ca);
-        assert_eq!(bundle, format!("{}{ca}", reissued.ca_pem), "old and new CA trusted");
+        assert_eq!(
+            bundle,
+            format!("{}{ca}", reissued.ca_pem),
+            "old and new CA trusted"
+        );
         assert_rbac_allows(&api.calls());
         handle.graceful_shutdown(Some(Duration::from_secs(1)));
         let _ = server.await;

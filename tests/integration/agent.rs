@@ -144,7 +144,11 @@ async fn sdk_spans_reach_loupe_through_the_agent_with_kubernetes_attributes() {
         .to_owned();
     let addr = addr.as_str();
     let up = probe(addr);
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     drop(agent);
     let down = probe(addr);
     assert!(!down.status.success());

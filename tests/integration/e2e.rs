@@ -16,8 +16,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -141,8 +141,8 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
             .expect("LOUPE_E2E_WEBHOOK_URL is a URL")
             .port_or_known_default()
             .unwrap_or(443);
-        let addr = std::env::var("LOUPE_E2E_WEBHOOK_ADDR")
-            .unwrap_or_else(|_| format!("0.0.0.0:{port}"));
+        let addr =
+            std::env::var("LOUPE_E2E_WEBHOOK_ADDR").unwrap_or_else(|_| format!("0.0.0.0:{port}"));
         args.extend([
             format!("--webhook-addr={addr}"),
             format!("--webhook-url={url}"),
@@ -477,7 +477,11 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
         assert_eq!(inits.len(), 1, "{inits:?}");
         let agent = &inits[0];
         assert_eq!(agent.name, loupe_operator::inject::AGENT_CONTAINER);
-        assert_eq!(agent.restart_policy.as_deref(), Some("Always"), "a native sidecar");
+        assert_eq!(
+            agent.restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar"
+        );
         let agent_env = agent.env.clone().unwrap_or_default();
         let key = agent_env
             .iter()
@@ -495,7 +499,10 @@ async fn the_operator_deploys_a_platform_and_serves_a_dev_and_a_prod_project() {
             .filter_map(|e| Some((e.name, e.value?)))
             .collect();
         assert_eq!(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://127.0.0.1:4318");
-        assert_eq!(env["OTEL_SERVICE_NAME"], "mine", "the app's own value is kept");
+        assert_eq!(
+            env["OTEL_SERVICE_NAME"], "mine",
+            "the app's own value is kept"
+        );
         assert!(
             env["OTEL_RESOURCE_ATTRIBUTES"].contains("deployment.environment=prod"),
             "{env:?}"
