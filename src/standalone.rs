@@ -196,11 +196,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let query_router = loupe_querier::api::router_with_alerts(
+    let query_router = loupe_querier::api::router_with(
         engine.clone(),
         access.control.clone(),
         query_metrics,
-        alert_states,
+        loupe_querier::api::Extras {
+            alerts: alert_states,
+            scores: Some(Arc::new(IngestScores(ingest.clone()))),
+        },
     )
     .merge(crate::server::ops_router(registry));
 
@@ -237,7 +240,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Tests and scripts read these lines to find the ports.
     say(&format!(
         "loupe standalone is running\n  otlp-grpc  {grpc_local}\n  otlp-http  http://{http_local}/v1/traces\n  \
-         query-api  http://{query_local}/api/v1/traces\n  data       {}\n  storage    {}\n{}",
+         query-api  http://{query_local}/api/v1/traces\n  ui         http://{query_local}/\n  data       {}\n  storage    {}\n{}",
         args.data_dir.display(),
         storage.url(),
         access.line()
@@ -270,4 +273,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = compaction.await;
     queue.shutdown().await.context("final flush failed; spans remain in the write-ahead log and are replayed on the next start")?;
     Ok(())
+}
+
+/// Scores written on the query API (annotations from the web UI) take the same
+/// durable path as those sent to the OTLP/HTTP port.
+struct IngestScores(Arc<Ingest>);
+
+impl loupe_querier::api::ScoreWriter for IngestScores {
+    fn write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        body: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, (axum::http::StatusCode, String)>> {
+        use axum::http::StatusCode;
+        use loupe_ingester::ingest::IngestError;
+        Box::pin(async move {
+            self.0.submit_scores(tenant, body).await.map_err(|e| {
+                let status = match &e {
+                    IngestError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                    IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                    IngestError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                    IngestError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+                    IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, e.to_string())
+            })
+        })
+    }
 }

@@ -54,20 +54,43 @@ struct ApiState {
     auth: Arc<AccessControl>,
     metrics: QueryMetrics,
     alerts: Option<crate::alert_runner::SharedStates>,
+    scores: Option<Arc<dyn ScoreWriter>>,
 }
 
-/// The query API routes. Every request reads the tenant of its query key.
+/// Writes scores sent to the query API (a person annotating a trace in the web UI)
+/// through the process's durable write path.
+pub trait ScoreWriter: Send + Sync {
+    /// Writes the scores of `body` (as `POST /api/v1/scores` takes them) for `tenant`;
+    /// their ids, or the HTTP status and message of the refusal.
+    fn write<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        body: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, (StatusCode, String)>>;
+}
+
+/// What a process adds to the query API besides queries.
+#[derive(Default)]
+pub struct Extras {
+    /// The states of the alert rules this process evaluates (served at
+    /// `/api/v1/alerts`, each project seeing its own).
+    pub alerts: Option<crate::alert_runner::SharedStates>,
+    /// Where `POST /api/v1/scores` with a query key writes (`loupe standalone`).
+    pub scores: Option<Arc<dyn ScoreWriter>>,
+}
+
+/// The query API routes and the web UI. Every request reads the tenant of its query
+/// key.
 pub fn router(engine: Arc<QueryEngine>, auth: Arc<AccessControl>, metrics: QueryMetrics) -> Router {
-    router_with_alerts(engine, auth, metrics, None)
+    router_with(engine, auth, metrics, Extras::default())
 }
 
-/// [`router`], with the states of the alert rules this process evaluates (served at
-/// `/api/v1/alerts`, each project seeing its own).
-pub fn router_with_alerts(
+/// [`router`], with what this process adds ([`Extras`]).
+pub fn router_with(
     engine: Arc<QueryEngine>,
     auth: Arc<AccessControl>,
     metrics: QueryMetrics,
-    alerts: Option<crate::alert_runner::SharedStates>,
+    extras: Extras,
 ) -> Router {
     Router::new()
         // Grafana's Tempo data source (see `crate::tempo`).
@@ -112,16 +135,97 @@ pub fn router_with_alerts(
             "/api/v1/users",
             get(|s, h, q| list_groups(s, h, q, crate::sessions::GroupBy::User)),
         )
-        .route("/api/v1/scores", get(list_scores))
+        .route("/api/v1/scores", get(list_scores).post(post_scores))
         .route("/api/v1/scores/metrics", get(score_metrics))
         .route("/api/v1/alerts", get(list_alerts))
+        .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/openapi.json", get(openapi))
         .with_state(Arc::new(ApiState {
             engine,
             auth,
             metrics,
-            alerts,
+            alerts: extras.alerts,
+            scores: extras.scores,
         }))
+        .merge(crate::ui::router())
+}
+
+/// The project a query key reads (`GET /api/v1/whoami`): what the web UI shows.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct WhoAmI {
+    /// `namespace/name`.
+    pub project: String,
+    /// `dev`, `staging` or `prod`, when the config lists the project.
+    pub environment: Option<String>,
+    /// The key's name in the config (`anonymous` when the process serves without
+    /// keys).
+    pub key_name: String,
+    /// Whether this process serves requests without keys.
+    pub open: bool,
+    /// Whether scores can be written here with the query key (`POST
+    /// /api/v1/scores`); otherwise they go to the ingest endpoint with an ingest key.
+    pub scores_writable: bool,
+}
+
+async fn whoami(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let owner = state.owner(&headers)?;
+    Ok(axum::Json(WhoAmI {
+        project: owner.tenant.to_string(),
+        environment: Some(owner.environment.unwrap_or_default().as_str().to_owned()),
+        key_name: owner.name,
+        open: state.auth.is_open(),
+        scores_writable: state.scores.is_some(),
+    })
+    .into_response())
+}
+
+/// Largest body of `POST /api/v1/scores` on the query API.
+const MAX_SCORES_BODY: usize = 1 << 20;
+
+/// `POST /api/v1/scores` with a query key: a person's annotation from the web UI,
+/// written through the process's durable path when it has one.
+async fn post_scores(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let tenant = state.tenant(&headers)?;
+    let Some(writer) = &state.scores else {
+        return Err(ApiError(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "this querier does not write scores: send them to the ingest endpoint \
+             (POST /api/v1/scores on the OTLP/HTTP port) with an ingest key"
+                .into(),
+        ));
+    };
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json {
+        return Err(ApiError(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "scores are JSON: send content-type application/json".into(),
+        ));
+    }
+    if body.len() > MAX_SCORES_BODY {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_SCORES_BODY} bytes of scores per request"),
+        ));
+    }
+    let ids = writer
+        .write(&tenant, &body)
+        .await
+        .map_err(|(status, msg)| ApiError(status, msg))?;
+    Ok(axum::Json(serde_json::json!({ "ids": ids })).into_response())
 }
 
 /// The alert rules of the caller's project and their states.
@@ -693,7 +797,7 @@ pub fn now_ns() -> i64 {
 }
 
 /// Parameters a search accepts.
-pub const SEARCH_PARAMS: [&str; 17] = [
+pub const SEARCH_PARAMS: [&str; 18] = [
     "score",
     "start",
     "end",
@@ -711,6 +815,7 @@ pub const SEARCH_PARAMS: [&str; 17] = [
     "prompt_name",
     "prompt_version",
     "limit",
+    "order",
 ];
 
 /// Parses search parameters; unknown names and bad values are errors naming them.
@@ -774,6 +879,11 @@ pub fn parse_search(p: &HashMap<String, String>, now_ns: i64) -> Result<SearchQu
             None => Vec::new(),
         },
         limit,
+        order: get("order")
+            .map(crate::engine::SearchOrder::parse)
+            .transpose()
+            .map_err(bad)?
+            .unwrap_or_default(),
     })
 }
 

@@ -88,6 +88,102 @@ pub struct SearchQuery {
     /// Traces with scores matching every filter.
     pub scores: Vec<crate::scores::ScoreFilter>,
     pub limit: usize,
+    /// Which traces come first (and which `limit` keeps).
+    pub order: SearchOrder,
+}
+
+/// The order of search results (`order=` in the API).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SearchOrder {
+    /// Latest start first (the default): reads the newest blocks first and stops as
+    /// soon as `limit` traces are settled.
+    #[default]
+    Newest,
+    Oldest,
+    /// By a total, largest first unless `ascending`: reads every block of the range.
+    Duration {
+        ascending: bool,
+    },
+    Cost {
+        ascending: bool,
+    },
+    Tokens {
+        ascending: bool,
+    },
+    Spans {
+        ascending: bool,
+    },
+}
+
+impl SearchOrder {
+    /// Parses `newest`, `oldest`, `duration`, `cost`, `tokens` or `spans`, the last
+    /// four optionally with `:asc` (smallest first) or `:desc`.
+    pub fn parse(v: &str) -> Result<SearchOrder, String> {
+        let (key, dir) = v.split_once(':').unwrap_or((v, "desc"));
+        let ascending = match dir {
+            "asc" => true,
+            "desc" => false,
+            _ => return Err(format!("order {v:?}: the direction is asc or desc")),
+        };
+        Ok(match (key, dir == "desc" || v == key) {
+            ("newest", true) => SearchOrder::Newest,
+            ("oldest", true) => SearchOrder::Oldest,
+            ("duration", _) => SearchOrder::Duration { ascending },
+            ("cost", _) => SearchOrder::Cost { ascending },
+            ("tokens", _) => SearchOrder::Tokens { ascending },
+            ("spans", _) => SearchOrder::Spans { ascending },
+            _ => {
+                return Err(format!(
+                    "order must be newest, oldest, duration, cost, tokens or spans (with :asc or :desc for the last four), got {v:?}"
+                ));
+            }
+        })
+    }
+
+    /// The SQL `ORDER BY` over the search's trace columns.
+    fn sql(self) -> String {
+        let by = |expr: &str, ascending: bool| {
+            let dir = if ascending { "ASC" } else { "DESC" };
+            format!("{expr} {dir} NULLS LAST, start_ns DESC, trace_id ASC")
+        };
+        match self {
+            SearchOrder::Newest => "start_ns DESC, trace_id ASC".into(),
+            SearchOrder::Oldest => "start_ns ASC, trace_id ASC".into(),
+            SearchOrder::Duration { ascending } => by("end_ns - start_ns", ascending),
+            SearchOrder::Cost { ascending } => by("coalesce(cost_usd, 0)", ascending),
+            SearchOrder::Tokens { ascending } => by("coalesce(total_tokens, 0)", ascending),
+            SearchOrder::Spans { ascending } => by("span_count", ascending),
+        }
+    }
+
+    /// Sorts hits as [`SearchOrder::sql`] does.
+    fn sort(self, hits: &mut [Hit]) {
+        use std::cmp::Ordering;
+        let newest = |a: &Hit, b: &Hit| b.start_ns.cmp(&a.start_ns).then(a.id.cmp(&b.id));
+        let by = |key: fn(&TraceTotals) -> f64, ascending: bool| {
+            move |a: &Hit, b: &Hit| {
+                let (x, y) = (key(&a.summary.totals), key(&b.summary.totals));
+                let o = x.partial_cmp(&y).unwrap_or(Ordering::Equal);
+                (if ascending { o } else { o.reverse() }).then(newest(a, b))
+            }
+        };
+        match self {
+            SearchOrder::Newest => hits.sort_by(newest),
+            SearchOrder::Oldest => {
+                hits.sort_by(|a, b| a.start_ns.cmp(&b.start_ns).then(a.id.cmp(&b.id)))
+            }
+            SearchOrder::Duration { ascending } => {
+                hits.sort_by(by(|t| (t.end_ns - t.start_ns) as f64, ascending))
+            }
+            SearchOrder::Cost { ascending } => hits.sort_by(by(|t| t.cost_usd, ascending)),
+            SearchOrder::Tokens { ascending } => {
+                hits.sort_by(by(|t| t.total_tokens as f64, ascending))
+            }
+            SearchOrder::Spans { ascending } => {
+                hits.sort_by(by(|t| t.span_count as f64, ascending))
+            }
+        }
+    }
 }
 
 /// What sampling left out of a query's range: the spans stored and the spans decided.
@@ -528,7 +624,12 @@ impl QueryEngine {
             .filter(|b| b.overlaps(scan.0, scan.1))
             .collect();
         blocks.sort_by_key(|b| std::cmp::Reverse(b.max_start_ns));
-        let (mut read, mut read_spans, mut budget) = (0, 0u64, self.first_round_spans);
+        // Only the newest-first order can stop before the range's oldest block.
+        let first_round = match q.order {
+            SearchOrder::Newest => self.first_round_spans,
+            _ => u64::MAX,
+        };
+        let (mut read, mut read_spans, mut budget) = (0, 0u64, first_round);
         let traces = loop {
             while read < blocks.len() && (read_spans < budget || read == 0) {
                 read_spans += blocks[read].spans;
@@ -570,7 +671,7 @@ impl QueryEngine {
                     .await?;
                 page.retain(|t| !suspects.contains(&t.id));
                 page.extend(exact);
-                page.sort_by(|a, b| b.start_ns.cmp(&a.start_ns).then(a.id.cmp(&b.id)));
+                q.order.sort(&mut page);
             }
             let settled = page
                 .iter()
@@ -852,8 +953,9 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, 
          SELECT trace_id, start_ns, end_ns, span_count, root_name, root_service, \
            input_tokens, output_tokens, total_tokens, cost_usd, is_error \
          FROM traces WHERE {} \
-         ORDER BY start_ns DESC, trace_id ASC LIMIT {limit}",
-        trace_conds.join(" AND ")
+         ORDER BY {} LIMIT {limit}",
+        trace_conds.join(" AND "),
+        q.order.sql()
     );
     (sql, p.0)
 }
@@ -1305,6 +1407,51 @@ mod search_rounds {
             all.traces
                 .windows(2)
                 .all(|w| w[0].totals.start_ns >= w[1].totals.start_ns)
+        );
+
+        // Other orders read every block of the range: the top of the whole range,
+        // the same as sorting everything and cutting.
+        for order in [
+            SearchOrder::Oldest,
+            SearchOrder::Duration { ascending: false },
+            SearchOrder::Duration { ascending: true },
+            SearchOrder::Spans { ascending: false },
+        ] {
+            let q = SearchQuery {
+                order,
+                limit: 4,
+                ..base.clone()
+            };
+            let got = rounds.search(&tenant, &q).await.unwrap();
+            let mut want: Vec<_> = all.traces.clone();
+            let key = |t: &TraceSummary| match order {
+                SearchOrder::Oldest => (t.totals.start_ns, std::cmp::Reverse(0)),
+                SearchOrder::Duration { ascending: true } => (
+                    t.totals.end_ns - t.totals.start_ns,
+                    std::cmp::Reverse(t.totals.start_ns),
+                ),
+                SearchOrder::Duration { .. } => (
+                    -(t.totals.end_ns - t.totals.start_ns),
+                    std::cmp::Reverse(t.totals.start_ns),
+                ),
+                _ => (
+                    -(t.totals.span_count as i64),
+                    std::cmp::Reverse(t.totals.start_ns),
+                ),
+            };
+            want.sort_by_key(|t| (key(t), t.trace_id.clone()));
+            want.truncate(4);
+            assert_eq!(got.traces, want, "{order:?}");
+        }
+        assert_eq!(
+            SearchOrder::parse("cost:asc"),
+            Ok(SearchOrder::Cost { ascending: true })
+        );
+        assert!(SearchOrder::parse("newest:asc").is_err());
+        assert!(
+            SearchOrder::parse("price")
+                .unwrap_err()
+                .contains("newest, oldest, duration")
         );
     }
 }

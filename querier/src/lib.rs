@@ -16,6 +16,7 @@ pub mod scores;
 pub mod sessions;
 pub mod stats;
 pub mod tempo;
+pub mod ui;
 
 pub use api::QueryMetrics;
 pub use engine::{QueryEngine, QueryError, SearchQuery};

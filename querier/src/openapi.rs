@@ -100,7 +100,9 @@ fn describe(name: &str) -> &'static str {
         }
         "trace_id" => "Trace id, 32 hex digits",
         "source" => "human, heuristic, llm_judge or api",
-        "order" => "recent, cost, traces or tokens",
+        "order" => {
+            "Result order. Traces: newest (default), oldest, duration, cost, tokens or spans (largest first; `:asc` for smallest first). Users: cost (default), traces, tokens or recent"
+        }
         "a" | "b" => "Trace id, 32 hex digits",
         "q" => {
             "TraceQL (a conjunctive subset: `{ resource.service.name = \"x\" && status = error }`)"
@@ -258,10 +260,18 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
         Operation {
             method: "post",
             path: "/api/v1/scores",
-            summary: "Attach scores to traces or spans (served on the OTLP/HTTP port, with an ingest key)",
+            summary: "Attach scores to traces or spans: on the OTLP/HTTP port with an ingest key, or on the query API of `loupe standalone` with a query key (the web UI's annotations; a querier answers 405)",
             params: vec![],
             path_params: &[],
             response: s(g.subschema_for::<ScoreIds>()),
+        },
+        Operation {
+            method: "get",
+            path: "/api/v1/whoami",
+            summary: "The project and environment of the query key (what the web UI shows)",
+            params: vec![],
+            path_params: &[],
+            response: s(g.subschema_for::<crate::api::WhoAmI>()),
         },
         Operation {
             method: "get",

@@ -18,3 +18,4 @@ mod redaction;
 mod s3;
 mod tempo;
 mod tenancy;
+mod ui;
