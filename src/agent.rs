@@ -86,6 +86,10 @@ pub struct Args {
     /// Most spans forwarded in one request.
     #[arg(long, default_value_t = 4096)]
     batch_spans: usize,
+    /// Batches on their way upstream at once (each retried on its own), so that one
+    /// slow answer does not hold the rest.
+    #[arg(long, default_value_t = 4)]
+    max_in_flight: usize,
     /// Longest time spans wait for a batch to fill.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     batch_timeout: Duration,
@@ -521,6 +525,7 @@ enum Failure {
     Refused(String),
 }
 
+#[derive(Clone)]
 enum Upstream {
     Grpc {
         client: tonic::client::Grpc<tonic::transport::Channel>,
@@ -664,25 +669,48 @@ impl Upstream {
     }
 }
 
-/// Forwards batches until `stop` and the queue is empty (or `shutdown_timeout`
-/// passed since `stop`).
-async fn forward(
-    queue: Arc<Queue>,
-    mut upstream: Upstream,
+/// How the forwarder sends.
+struct Forwarding {
     batch_spans: usize,
     batch_timeout: Duration,
     shutdown_timeout: Duration,
+    /// Batches sent at once (each retried on its own).
+    max_in_flight: usize,
+}
+
+/// Forwards batches until `stop` and the queue is empty (or `shutdown_timeout`
+/// passed since `stop`), with up to `max_in_flight` batches on their way.
+async fn forward(
+    queue: Arc<Queue>,
+    upstream: Upstream,
+    settings: Forwarding,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let metrics = queue.metrics.clone();
-    let mut deadline: Option<tokio::time::Instant> = None;
+    let Forwarding {
+        batch_spans,
+        batch_timeout,
+        shutdown_timeout,
+        max_in_flight,
+    } = settings;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1)));
+    let mut in_flight = tokio::task::JoinSet::new();
+    let deadline = Arc::new(Deadline {
+        at: std::sync::OnceLock::new(),
+        after: shutdown_timeout,
+    });
     loop {
-        if deadline.is_none() && *stop.borrow() {
-            deadline = Some(tokio::time::Instant::now() + shutdown_timeout);
+        let stopping = deadline.of(&stop).is_some();
+        // Finished sends are collected as they end (their panics are bugs: surface them).
+        while let Some(done) = in_flight.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a forwarding task failed");
+            }
         }
         let waiting = queue.spans_waiting();
         if waiting == 0 {
-            if deadline.is_some() {
+            if stopping {
+                // What is on its way gets its chance until the shutdown deadline.
+                while in_flight.join_next().await.is_some() {}
                 return;
             }
             tokio::select! {
@@ -692,7 +720,7 @@ async fn forward(
             continue;
         }
         // Give a partial batch a moment to fill.
-        if waiting < batch_spans && deadline.is_none() {
+        if waiting < batch_spans && !stopping {
             let fill = tokio::time::sleep(batch_timeout);
             tokio::pin!(fill);
             loop {
@@ -705,6 +733,11 @@ async fn forward(
                 }
             }
         }
+        // A free slot first: while every slot retries, spans wait in the (bounded)
+        // queue rather than in memory outside it.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let items = queue.take(batch_spans);
         let spans: usize = items.iter().map(|i| i.spans).sum();
         let bytes: usize = items.iter().map(|i| i.bytes).sum();
@@ -714,50 +747,98 @@ async fn forward(
         for i in &items {
             request.extend_from_slice(&i.encoded);
         }
-        let request = request.freeze();
         drop(items);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match upstream.send(&request).await {
-                Ok(rejected) => {
-                    let rejected = rejected.clamp(0, spans as i64) as usize;
-                    metrics.sent.inc_by((spans - rejected) as u64);
-                    if rejected > 0 {
-                        metrics.drop("refused", rejected);
-                        tracing::warn!(spans = rejected, "the upstream rejected part of a batch");
-                    }
-                    break;
+        let (queue, upstream, stop) = (queue.clone(), upstream.clone(), stop.clone());
+        let deadline = deadline.clone();
+        in_flight.spawn(async move {
+            deliver(&queue, upstream, request.freeze(), spans, &deadline, stop).await;
+            queue.release(bytes);
+            drop(slot);
+        });
+    }
+}
+
+/// The end of a shutdown: `after` from when a forwarder first saw the stop signal,
+/// the same for every batch.
+struct Deadline {
+    at: std::sync::OnceLock<tokio::time::Instant>,
+    after: Duration,
+}
+
+impl Deadline {
+    fn of(&self, stop: &tokio::sync::watch::Receiver<bool>) -> Option<tokio::time::Instant> {
+        if let Some(at) = self.at.get() {
+            return Some(*at);
+        }
+        (*stop.borrow()).then(|| {
+            *self
+                .at
+                .get_or_init(|| tokio::time::Instant::now() + self.after)
+        })
+    }
+}
+
+/// Sends one batch, retrying with backoff and jitter (or the upstream's Retry-After)
+/// until it is taken or refused, or the shutdown deadline passes.
+async fn deliver(
+    queue: &Queue,
+    mut upstream: Upstream,
+    request: Bytes,
+    spans: usize,
+    deadline: &Deadline,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let metrics = &queue.metrics;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Once stopping, even a hanging request ends at the deadline.
+        let sent = match deadline.of(&stop) {
+            Some(d) => tokio::time::timeout_at(d, upstream.send(&request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::Retry {
+                        after: None,
+                        why: "the upstream did not answer before the shutdown deadline".into(),
+                    })
+                }),
+            None => upstream.send(&request).await,
+        };
+        match sent {
+            Ok(rejected) => {
+                let rejected = rejected.clamp(0, spans as i64) as usize;
+                metrics.sent.inc_by((spans - rejected) as u64);
+                if rejected > 0 {
+                    metrics.drop("refused", rejected);
+                    tracing::warn!(spans = rejected, "the upstream rejected part of a batch");
                 }
-                Err(Failure::Refused(why)) => {
-                    metrics.drop("refused", spans);
-                    tracing::error!(spans, reason = %why, "the upstream refused a batch; dropped");
-                    break;
+                return;
+            }
+            Err(Failure::Refused(why)) => {
+                metrics.drop("refused", spans);
+                tracing::error!(spans, reason = %why, "the upstream refused a batch; dropped");
+                return;
+            }
+            Err(Failure::Retry { after, why }) => {
+                let deadline = deadline.of(&stop);
+                if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                    metrics.drop("shutdown", spans);
+                    tracing::error!(spans, reason = %why, "stopping with spans the upstream did not take; dropped");
+                    return;
                 }
-                Err(Failure::Retry { after, why }) => {
-                    if deadline.is_none() && *stop.borrow() {
-                        deadline = Some(tokio::time::Instant::now() + shutdown_timeout);
+                metrics.retries.inc();
+                let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
+                let wait = after.unwrap_or(backoff + jitter);
+                tracing::debug!(reason = %why, wait = ?wait, "export failed; retrying");
+                let sleep = tokio::time::sleep(wait);
+                match deadline {
+                    Some(d) => {
+                        let _ = tokio::time::timeout_at(d, sleep).await;
                     }
-                    if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
-                        metrics.drop("shutdown", spans);
-                        tracing::error!(spans, reason = %why, "stopping with spans the upstream did not take; dropped");
-                        break;
-                    }
-                    metrics.retries.inc();
-                    let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
-                    let wait = after.unwrap_or(backoff + jitter);
-                    tracing::debug!(reason = %why, wait = ?wait, "export failed; retrying");
-                    let sleep = tokio::time::sleep(wait);
-                    match deadline {
-                        Some(d) => {
-                            let _ = tokio::time::timeout_at(d, sleep).await;
-                        }
-                        None => sleep.await,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    None => sleep.await,
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-        queue.release(bytes);
     }
 }
 
@@ -805,6 +886,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.batch_spans == 0 {
         bail!("--batch-spans must be at least 1");
+    }
+    if args.max_in_flight == 0 {
+        bail!("--max-in-flight must be at least 1");
     }
     let mut attributes = Vec::new();
     for a in args
@@ -860,9 +944,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let forwarder = tokio::spawn(forward(
         queue,
         upstream,
-        args.batch_spans,
-        args.batch_timeout,
-        args.shutdown_timeout,
+        Forwarding {
+            batch_spans: args.batch_spans,
+            batch_timeout: args.batch_timeout,
+            shutdown_timeout: args.shutdown_timeout,
+            max_in_flight: args.max_in_flight,
+        },
         stop_rx.clone(),
     ));
     say(&format!(

@@ -320,3 +320,66 @@ fn the_agent_refuses_to_listen_beyond_loopback() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listens on loopback only"), "{err}");
 }
+
+#[tokio::test]
+async fn several_batches_travel_at_once_to_a_slow_upstream() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // An OTLP/HTTP upstream that answers each request after a second, counting the
+    // requests it holds at once and the spans it was sent.
+    #[derive(Clone, Default)]
+    struct Seen {
+        now: Arc<AtomicUsize>,
+        most: Arc<AtomicUsize>,
+        spans: Arc<AtomicUsize>,
+    }
+    let seen = Seen::default();
+    let app = axum::Router::new()
+        .route(
+            "/v1/traces",
+            axum::routing::post(
+                |axum::extract::State(seen): axum::extract::State<Seen>, body: axum::body::Bytes| async move {
+                    use prost::Message;
+                    let n = seen.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    seen.most.fetch_max(n, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body)
+                        .unwrap();
+                    let spans: usize = req
+                        .resource_spans
+                        .iter()
+                        .flat_map(|r| &r.scope_spans)
+                        .map(|s| s.spans.len())
+                        .sum();
+                    seen.spans.fetch_add(spans, Ordering::SeqCst);
+                    seen.now.fetch_sub(1, Ordering::SeqCst);
+                    ([("content-type", "application/x-protobuf")], Vec::<u8>::new())
+                },
+            ),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(
+        &format!("http://{upstream}"),
+        dir.path(),
+        &["--upstream-protocol", "http", "--batch-spans", "1"],
+    );
+    // Twelve requests of two spans: twelve batches (a batch holds whole requests).
+    for _ in 0..12 {
+        let (_, req) = simple_trace("slow-upstream", "u");
+        assert_eq!(agent.post_protobuf(&req).await.status(), 200);
+    }
+    eventually(Duration::from_secs(30), || async {
+        let n = seen.spans.load(Ordering::SeqCst);
+        (n == 24)
+            .then_some(())
+            .ok_or(format!("{n} of 24 spans upstream"))
+    })
+    .await;
+    // The default --max-in-flight: four batches at once, never more.
+    assert_eq!(seen.most.load(Ordering::SeqCst), 4);
+}
