@@ -931,7 +931,7 @@ pub fn parse_duration(v: &str, bare_unit: Option<Duration>) -> Result<Duration, 
     let (num, unit) = v.split_at(split);
     let n: f64 = num
         .parse()
-        .map_err(|_| format!("{v:?} is not a duration like 250ms, 2s, 5m, 1h or 7d"))?;
+        .map_err(|_| format!("{v:?} is not a duration like 250ms, 2s, 5m, 1h, 7d or 2w"))?;
     let unit_secs = match unit.trim() {
         "ns" => 1e-9,
         "us" | "µs" => 1e-6,
@@ -940,9 +940,10 @@ pub fn parse_duration(v: &str, bare_unit: Option<Duration>) -> Result<Duration, 
         "m" => 60.0,
         "h" => 3600.0,
         "d" => 86400.0,
+        "w" => 7.0 * 86400.0,
         "" => match bare_unit {
             Some(u) => u.as_secs_f64(),
-            None => return Err(format!("{v:?} needs a unit: ms, s, m, h or d")),
+            None => return Err(format!("{v:?} needs a unit: ms, s, m, h, d or w")),
         },
         other => return Err(format!("unknown duration unit {other:?} in {v:?}")),
     };
@@ -952,6 +953,15 @@ pub fn parse_duration(v: &str, bare_unit: Option<Duration>) -> Result<Duration, 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn durations_take_units_from_nanoseconds_to_weeks() {
+        let d = |v| parse_duration(v, None);
+        assert_eq!(d("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(d("8w"), Ok(Duration::from_secs(8 * 7 * 86400)));
+        assert_eq!(d("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(d("3y").unwrap_err().contains("unknown duration unit"));
+    }
 
     /// Query parameters from pairs.
     pub(crate) fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {

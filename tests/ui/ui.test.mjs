@@ -95,6 +95,12 @@ await check('filters live in the URL and narrow the list', async () => {
   const texts = await page.locator('#trace-list tbody tr').allInnerTexts();
   assert.ok(texts.length > 0 && texts.every((t) => t.includes('docs-search')), texts.join('\n'));
   assert.ok(texts.length <= want, `${texts.length} rows, ${want} docs-search traces`);
+  // A filter the API refuses says why, and the form stays to correct it.
+  await visit(`${base}/#/traces?since=24h&min_duration=fast`);
+  assert.match(await page.innerText('.error-box'), /min_duration/);
+  assert.equal(await page.inputValue('#trace-filters input[name=min_duration]'), 'fast');
+  problems.length = 0; // the browser logs the 400 answer itself
+  await visit(`${base}/#/traces?since=24h&service=docs-search`);
   // The link reproduces the view, in another tab.
   const tab = await context.newPage();
   await visit(page.url(), tab);
@@ -256,6 +262,20 @@ await check('a session reads as its sequence of traces', async () => {
   await shot('session');
 });
 
+await check('a slow page left for another never draws over it', async () => {
+  // The search answers late; meanwhile the user opens the sessions.
+  let release;
+  const held = new Promise((r) => { release = r; });
+  await page.route(/\/api\/v1\/traces\?/, async (r) => { await held; await r.continue(); });
+  await page.goto(`${base}/#/traces?since=24h&service=support-bot`);
+  await visit(`${base}/#/sessions?since=24h`);
+  release();
+  await page.waitForTimeout(500);
+  await page.unroute(/\/api\/v1\/traces\?/);
+  assert.equal(await page.locator('#trace-list').count(), 0, 'the trace list drew over the sessions');
+  assert.ok(await page.locator('#sessions-list').count() === 1);
+});
+
 await check('the dashboard draws its charts, linked to the traces behind them', async () => {
   await visit(`${base}/#/dashboard?since=3h`);
   for (const chart of ['requests', 'latency', 'tokens', 'cost', 'cost-by-group']) {
@@ -280,7 +300,11 @@ await check('a deployment with keys asks for a query key and marks the environme
   const fresh = await browser.newContext({ viewport: { width: 1440, height: 900 } });
   const p = await fresh.newPage();
   p.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
-  await p.goto(`${keyed}/`);
+  p.on('request', (r) => {
+    if (new URL(r.url()).origin !== new URL(keyed).origin) problems.push(`request to another host: ${r.url()}`);
+  });
+  // A shared link opens the login first, then the linked view.
+  await p.goto(`${keyed}/#/traces?since=3h&status=error`);
   await p.waitForSelector('#query-key');
   await p.fill('#query-key', 'loupe_qk_not-a-key');
   await p.click('form.login button[type=submit]');
@@ -290,6 +314,8 @@ await check('a deployment with keys asks for a query key and marks the environme
   await p.click('form.login button[type=submit]');
   await p.waitForSelector('#project .env-prod');
   assert.match(await p.inputValue('#project-picker'), /shop\/chat/);
+  await p.waitForFunction(() => location.hash === '#/traces?since=3h&status=error');
+  assert.equal(await p.inputValue('#trace-filters select[name=status]'), 'error');
   await p.waitForSelector('.empty, #trace-list');
   await p.screenshot({ path: join(artifacts, 'login-prod.png') });
   await fresh.close();

@@ -21,6 +21,9 @@ export async function render(root, route) {
 
   if (a && !b && route.params.prev) {
     const found = await previousRun(a).catch((e) => ({ error: e }));
+    // The user may have moved on meanwhile: then this page must not steer.
+    if (!root.isConnected) return;
+    if (found.error && (found.error.status === 401 || found.error.status === 403)) throw found.error;
     if (found.b) {
       location.replace(link('compare', { a, b: found.b })); // the router renders it
       return;

@@ -152,7 +152,14 @@ export function currentRoute() {
   const raw = location.hash.replace(/^#\/?/, '');
   const [p, q] = raw.split('?', 2);
   const params = Object.fromEntries(new URLSearchParams(q || ''));
-  return { path: (p || '').split('/').filter(Boolean).map(decodeURIComponent), params };
+  const decode = (seg) => {
+    try {
+      return decodeURIComponent(seg);
+    } catch {
+      return seg; // a malformed escape: keep it as typed
+    }
+  };
+  return { path: (p || '').split('/').filter(Boolean).map(decode), params };
 }
 
 // --- Formatting --------------------------------------------------------------
@@ -161,9 +168,11 @@ export function fmtMs(ms) {
   if (ms === null || ms === undefined || Number.isNaN(ms)) return '–';
   if (ms < 1) return `${(ms * 1000).toFixed(0)} µs`;
   if (ms < 1000) return `${ms < 10 ? ms.toFixed(1) : ms.toFixed(0)} ms`;
-  if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
-  const m = Math.floor(ms / 60000);
-  return `${m} min ${Math.round((ms % 60000) / 1000)} s`;
+  if (ms < 9995) return `${(ms / 1000).toFixed(2)} s`;
+  if (ms < 59950) return `${(ms / 1000).toFixed(1)} s`;
+  // Whole seconds first, so 119.6 s reads "2 min 0 s", not "1 min 60 s".
+  const s = Math.round(ms / 1000);
+  return `${Math.floor(s / 60)} min ${s % 60} s`;
 }
 
 export function fmtCost(usd) {

@@ -3,9 +3,13 @@
 
 import { api, envBadge, errorBox, h, mount, navigate, saveProject, savedProjects } from './core.js';
 
-export async function render(root, route) {
+export async function render(root) {
+  // Why the user was sent here and where they were, from the page that sent them
+  // (kept out of the URL, so that a link cannot put words in the app's mouth).
   const error = h('div');
-  if (route.params.error) mount(error, errorBox(route.params.error));
+  const why = sessionStorage.getItem('loupe.login-error');
+  sessionStorage.removeItem('loupe.login-error');
+  if (why) mount(error, errorBox(why));
   const input = h('input', {
     id: 'query-key',
     type: 'password',
@@ -25,7 +29,10 @@ export async function render(root, route) {
         try {
           const me = await api('/api/v1/whoami', null, { key });
           saveProject({ project: me.project, environment: me.environment, key });
-          navigate('traces');
+          const next = sessionStorage.getItem('loupe.login-next');
+          sessionStorage.removeItem('loupe.login-next');
+          if (next) location.hash = next;
+          else navigate('traces');
         } catch (err) {
           mount(error, errorBox(err.status === 401 ? 'This key is not known here.' : err.status === 403
             ? 'This is not a query key (ingest keys only send spans).' : err.message));

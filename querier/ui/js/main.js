@@ -2,7 +2,7 @@
 // page into <main>. Pages export `render(root, route)`.
 
 import {
-  api, currentProject, currentRoute, envBadge, errorBox, forgetProject, h, loading, mount,
+  api, currentProject, currentRoute, envBadge, errorBox, forgetProject, h, link, loading, mount,
   navigate, saveProject, savedProjects, selectProject,
 } from './core.js';
 import * as login from './login.js';
@@ -24,6 +24,14 @@ const PAGES = {
 
 let generation = 0;
 
+/** Sends the user to the login page, remembering where they were and why. */
+function toLogin(message) {
+  const here = location.hash;
+  if (message) sessionStorage.setItem('loupe.login-error', message);
+  if (here && !here.startsWith('#/login')) sessionStorage.setItem('loupe.login-next', here);
+  navigate('login');
+}
+
 async function route() {
   const my = ++generation;
   const r = currentRoute();
@@ -37,22 +45,29 @@ async function route() {
       const me = await api('/api/v1/whoami', null, { key: null });
       saveProject({ project: me.project, environment: me.environment, key: null, open: true });
     } catch (e) {
-      if (my === generation) navigate('login', e.status === 401 ? {} : { error: e.message });
+      if (my === generation) toLogin(e.status === 401 ? null : e.message);
       return;
     }
   }
+  if (my !== generation) return;
   header(page);
-  mount(main, loading());
+  // Each route renders into its own container: a page still loading when the user
+  // moves on writes into a container no longer on screen, never over the next page.
+  const root = h('div', { class: 'page' }, loading());
+  mount(main, root);
   main.setAttribute('aria-busy', 'true');
   try {
-    await PAGES[page].render(main, r);
+    await PAGES[page].render(root, r);
   } catch (e) {
     if (my !== generation) return;
     if (e.status === 401 || e.status === 403) {
-      navigate('login', { error: e.message, project: currentProject()?.project });
+      // A project saved from a server that no longer serves it without a key.
+      const cur = currentProject();
+      if (e.status === 401 && cur?.open) forgetProject(cur.project);
+      toLogin(e.message);
       return;
     }
-    mount(main, errorBox(e));
+    mount(root, errorBox(e));
   } finally {
     if (my === generation) {
       // Done: a fresh token tells a test (or a script) that this route has rendered.
@@ -82,8 +97,9 @@ function header(page) {
           return;
         }
         selectProject(e.target.value);
-        navigate('traces');
-        route();
+        // One render: by the hash change, or here when the hash stays the same.
+        if (location.hash === link('traces')) route();
+        else navigate('traces');
       },
     },
     list.map((p) =>

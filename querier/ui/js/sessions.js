@@ -148,6 +148,11 @@ async function renderSession(root, id, params) {
   // The cards, each filled with its trace's input and output when it nears the screen.
   const run = limiter(CONCURRENT);
   const io = new IntersectionObserver((entries) => {
+    // The page was left: stop watching its cards.
+    if (!list.isConnected) {
+      io.disconnect();
+      return;
+    }
     for (const e of entries) {
       if (!e.isIntersecting) continue;
       io.unobserve(e.target);

@@ -139,7 +139,9 @@ class TraceView {
   renderHeader() {
     const t = this.trace;
     const rootSpan = t.roots[0];
-    const session = t.roots.find((r) => r.session_id)?.session_id;
+    // A trace belongs to the session any of its spans names (as the API counts it).
+    const session = t.roots.find((r) => r.session_id)?.session_id
+      || [...this.nodes.values()].find((n) => n.span.session_id)?.span.session_id;
     const id = t.trace_id;
     const total = (label, value, title) => h('div', { class: 't', title: title || null }, h('b', {}, value), h('span', {}, label));
     this.traceScores = h('div', { id: 'trace-scores', class: 'scores-list' });
@@ -986,17 +988,21 @@ class ScoreForm {
     }
   }
 
-  /** Re-fetches the trace until every new score id is in it (or the time is up). */
+  /** Asks for the trace's scores (not the whole trace, which may be megabytes) until
+   * every new score id is among them (or the time is up). */
   async waitFor(ids) {
     const deadline = Date.now() + SCORE_POLL_MAX_MS;
+    // Scores are listed by when they were made: from a day before the trace began.
+    const start = Math.floor(this.view.trace.start_ns / 1e9) - 86400;
     while (Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, SCORE_POLL_MS));
       if (!this.el.isConnected) return false; // the page was left
       try {
-        const fresh = await fetchTrace(this.view.trace.trace_id);
-        const have = new Set((fresh.scores || []).map((s) => s.id));
+        const list = await api('/api/v1/scores', { trace_id: this.view.trace.trace_id, start, limit: 1000 });
+        const fresh = [...(list.scores || [])].sort((a, b) => a.created_ns - b.created_ns);
+        const have = new Set(fresh.map((s) => s.id));
         if (ids.every((i) => have.has(i))) {
-          this.view.updateScores(fresh.scores || []);
+          this.view.updateScores(fresh);
           return true;
         }
       } catch {

@@ -2,7 +2,7 @@
 // two rows picked to compare.
 
 import {
-  api, fmtCost, fmtInt, fmtMs, fmtTime, fmtAgo, h, link, mount, navigate, rangePicker,
+  api, errorBox, fmtCost, fmtInt, fmtMs, fmtTime, fmtAgo, h, link, mount, navigate, rangePicker,
 } from './core.js';
 
 /** The search API's filters, as the URL carries them. */
@@ -48,7 +48,17 @@ export async function render(root, route) {
   const column = COLUMNS.find(([key]) => key === sort);
   if (column && column[3] === null) params.order = dir === 'asc' ? 'oldest' : 'newest';
   else if (column && column[3]) params.order = `${column[3]}:${dir}`;
-  const result = await api('/api/v1/traces', params);
+  // A filter the API refuses (a bad duration, a score condition) is shown above the
+  // form, which stays to be corrected.
+  let result;
+  let failure = null;
+  try {
+    result = await api('/api/v1/traces', params);
+  } catch (e) {
+    if (e.status !== 400) throw e;
+    failure = e;
+    result = { traces: [] };
+  }
   const rows = result.traces;
 
   // Filters: a form whose submit writes the URL.
@@ -97,6 +107,8 @@ export async function render(root, route) {
       else picked.delete(t.trace_id);
       while (picked.size > 2) picked.delete(picked.values().next().value);
       compareBtn.disabled = picked.size !== 2;
+      // Kept in the address (without re-rendering), so sorting or going back keeps them.
+      history.replaceState(null, '', link('traces', { ...p, pick: [...picked].join(',') }));
       for (const box of table.querySelectorAll('input[type=checkbox]')) {
         box.checked = picked.has(box.closest('tr').dataset.trace);
       }
@@ -141,6 +153,7 @@ export async function render(root, route) {
       h('span', { style: { flex: '1' } }),
       compareBtn),
     form,
-    rows.length ? table : h('div', { class: 'empty' }, 'No trace matches these filters in this time range.'),
+    failure ? errorBox(failure) : null,
+    rows.length || failure ? table : h('div', { class: 'empty' }, 'No trace matches these filters in this time range.'),
   );
 }
