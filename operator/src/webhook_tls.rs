@@ -453,18 +453,26 @@ mod tests {
                             "spec": { "containers": [{ "name": "c", "image": "i" }] } },
             },
         });
-        let answer: Value = client
-            .post(format!(
-                "https://loupe.loupe-system.svc:{}/mutate-pods",
-                addr.port()
-            ))
-            .json(&review)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let post = |client: reqwest::Client, url: String| {
+            let review = review.clone();
+            async move {
+                let answer: Value = client
+                    .post(url)
+                    .json(&review)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                answer
+            }
+        };
+        let answer = post(
+            client,
+            format!("https://loupe.loupe-system.svc:{}/mutate-pods", addr.port()),
+        )
+        .await;
         assert_eq!(answer["response"]["uid"], "u-1");
         assert_eq!(answer["response"]["allowed"], true);
 
@@ -474,15 +482,11 @@ mod tests {
             .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
             .build()
             .unwrap();
-        let answer: Value = by_ip
-            .post(format!("https://127.0.0.1:{}/mutate-pods", addr.port()))
-            .json(&review)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = post(
+            by_ip,
+            format!("https://127.0.0.1:{}/mutate-pods", addr.port()),
+        )
+        .await;
         assert_eq!(answer["response"]["allowed"], true);
 
         // Restarting reuses the stored certificate rather than issuing another; other
