@@ -1,10 +1,10 @@
 // Small SVG charts for the dashboard, with no library: a time-series line chart and a
 // horizontal bar chart. Each chart measures its own width (ResizeObserver) and draws
 // its SVG at that size, so text and dots keep their shape at any width; values show
-// in native <title> tooltips. Also the helpers the dashboard, compare and sessions
-// pages share: compact numbers, durations and a small concurrency limiter.
+// in native <title> tooltips. (The axis formatters, fmtShort and fmtDurShort, are in
+// core.js with the other formatters.)
 
-import { h, svg } from './core.js';
+import { h, pad2, svg } from './core.js';
 
 /** Eight distinguishable colours; series take them in order. */
 export const PALETTE = ['#3b5bdb', '#e8590c', '#2b8a3e', '#ae3ec9', '#1098ad', '#f59f00', '#d6336c', '#5c677d'];
@@ -15,77 +15,6 @@ export const colour = (i) => PALETTE[i % PALETTE.length];
 const HEIGHT = 180;
 const PAD = { top: 10, right: 14, bottom: 22 };
 const DAY_MS = 86400e3;
-
-// --- Shared helpers ------------------------------------------------------------
-
-/** 1234 → "1.2k", 2500000 → "2.5M": for axis labels. */
-export function fmtShort(n) {
-  if (n === null || n === undefined || Number.isNaN(n)) return '–';
-  const a = Math.abs(n);
-  const trim = (x) => String(Number(x.toFixed(x < 10 ? 1 : 0)));
-  if (a >= 1e9) return `${trim(n / 1e9)}G`;
-  if (a >= 1e6) return `${trim(n / 1e6)}M`;
-  if (a >= 1e3) return `${trim(n / 1e3)}k`;
-  return String(Number(n.toFixed(a < 1 ? 3 : a < 10 ? 1 : 0)));
-}
-
-/** A duration in ms for an axis: "250 ms", "12 s", "4.5 min", "2 h". */
-export function fmtDurShort(ms) {
-  if (ms === 0) return '0';
-  const n = (x) => String(Number(x.toFixed(x < 10 ? 1 : 0)));
-  if (ms < 1000) return `${n(ms)} ms`;
-  if (ms < 60e3) return `${n(ms / 1e3)} s`;
-  if (ms < 3600e3) return `${n(ms / 60e3)} min`;
-  return `${n(ms / 3600e3)} h`;
-}
-
-/** A signed number with its unit: "+1.2 s", "-$0.0012", "+340". */
-export function fmtSigned(n, format) {
-  if (n === null || n === undefined || Number.isNaN(n)) return '';
-  if (n === 0) return '±0';
-  return `${n > 0 ? '+' : '−'}${format(Math.abs(n))}`;
-}
-
-/** A relative change: 0.153 → "+15 %". */
-export function fmtRelative(r) {
-  if (r === null || r === undefined || !Number.isFinite(r)) return '';
-  const pct = r * 100;
-  const digits = Math.abs(pct) < 10 ? 1 : 0;
-  return `${pct > 0 ? '+' : pct < 0 ? '−' : '±'}${Math.abs(pct).toFixed(digits)} %`;
-}
-
-/** Seconds of a duration like the API's: "90s", "15m", "24h", "7d", "2w". */
-export function durationSeconds(text) {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$/.exec(String(text || ''));
-  if (!m) return null;
-  const unit = { ms: 0.001, s: 1, m: 60, h: 3600, d: 86400, w: 604800 }[m[2]];
-  return Number(m[1]) * unit;
-}
-
-/**
- * Runs `task()` functions with at most `n` running at once: `const run = limiter(4);
- * run(() => fetch(…))` returns the task's promise.
- */
-export function limiter(n) {
-  let running = 0;
-  const waiting = [];
-  const next = () => {
-    if (running >= n || !waiting.length) return;
-    const { task, resolve, reject } = waiting.shift();
-    running++;
-    Promise.resolve()
-      .then(task)
-      .then(resolve, reject)
-      .finally(() => {
-        running--;
-        next();
-      });
-  };
-  return (task) => new Promise((resolve, reject) => {
-    waiting.push({ task, resolve, reject });
-    next();
-  });
-}
 
 // --- Scales and ticks ------------------------------------------------------------
 
@@ -118,7 +47,6 @@ function timeTicks(t0, t1, max) {
   return { ticks, daily };
 }
 
-const pad2 = (n) => String(n).padStart(2, '0');
 const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
 
 /** "14:30" or, for ranges of days, "Nov 22". */

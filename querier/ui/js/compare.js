@@ -7,9 +7,9 @@
 // ending 24 h before A (the hash is then replaced with the resolved b).
 
 import {
-  api, errorBox, fmtCost, fmtInt, fmtMs, fmtTime, h, kindBadge, link, mount, navigate,
+  api, errorBox, errorMark, fetchTrace, fmtCost, fmtInt, fmtMs, fmtRelative, fmtSigned, fmtTime, h, isAuthError,
+  kindBadge, link, mount, navigate, traceLink, walkSpans,
 } from './core.js';
-import { fmtRelative, fmtSigned } from './charts.js';
 
 const DAY_S = 86400;
 /** Characters of a long common prefix kept before the texts part. */
@@ -23,7 +23,7 @@ export async function render(root, route) {
     const found = await previousRun(a).catch((e) => ({ error: e }));
     // The user may have moved on meanwhile: then this page must not steer.
     if (!root.isConnected) return;
-    if (found.error && (found.error.status === 401 || found.error.status === 403)) throw found.error;
+    if (isAuthError(found.error)) throw found.error;
     if (found.b) {
       location.replace(link('compare', { a, b: found.b })); // the router renders it
       return;
@@ -40,11 +40,11 @@ export async function render(root, route) {
   // The comparison, and both traces for the values that did not change.
   const [cmp, ta, tb] = await Promise.allSettled([
     api('/api/v1/compare', { a, b }),
-    api(`/api/v1/traces/${encodeURIComponent(a)}`),
-    api(`/api/v1/traces/${encodeURIComponent(b)}`),
+    fetchTrace(a),
+    fetchTrace(b),
   ]);
   if (cmp.status === 'rejected') {
-    if (cmp.reason.status === 401 || cmp.reason.status === 403) throw cmp.reason;
+    if (isAuthError(cmp.reason)) throw cmp.reason;
     mount(root, title(), errorBox(cmp.reason), picker({ a, b }));
     return;
   }
@@ -89,7 +89,7 @@ function title(...actions) {
  * A started: {b}, or {note, others} when there is none.
  */
 async function previousRun(a) {
-  const ta = await api(`/api/v1/traces/${encodeURIComponent(a)}`);
+  const ta = await fetchTrace(a);
   const startS = Math.floor(ta.start_ns / 1e9);
   const window = { start: startS - 2 * DAY_S, end: startS - DAY_S };
   // `name` matches any span's name: keep the traces whose root has it.
@@ -112,7 +112,7 @@ function recentRuns(a, others) {
     h('ul', {}, others.map((t) => h('li', {},
       h('a', { href: link('compare', { a, b: t.trace_id }) }, fmtTime(t.start_ns)),
       ' ', h('span', { class: 'muted' }, `${fmtMs(t.duration_ms)}, ${fmtInt(t.total_tokens)} tokens, ${fmtCost(t.cost_usd)}`),
-      t.error ? h('span', { class: 'err-mark' }, ' ✕') : null))));
+      t.error ? errorMark(' ✕', null) : null))));
 }
 
 /** The form asking for two trace ids. */
@@ -149,8 +149,8 @@ function side(label, id, t, detail, cmp) {
   return h('section', { class: `panel cmp-side side-${label.toLowerCase()}`, id },
     h('div', { class: 'cmp-side-head' },
       h('span', { class: 'cmp-label' }, label),
-      h('a', { href: link(`trace/${t.trace_id}`), class: 'cmp-root' }, t.root_name || t.trace_id),
-      t.error ? h('span', { class: 'err-mark' }, '✕ error') : h('span', { class: 'ok-mark' }, 'ok')),
+      h('a', { href: traceLink(t.trace_id), class: 'cmp-root' }, t.root_name || t.trace_id),
+      t.error ? errorMark('✕ error', null) : h('span', { class: 'ok-mark' }, 'ok')),
     h('div', { class: 'mono muted cmp-id' }, t.trace_id),
     h('dl', { class: 'kv cmp-totals' },
       row('started', detail ? fmtTime(detail.start_ns) : '–'),
@@ -173,12 +173,9 @@ function changeMark(delta, relative, format) {
 /** span_id → span of a trace answer (null when the trace failed to load). */
 function spanIndex(detail) {
   const map = new Map();
-  const stack = [...(detail?.roots || [])];
-  while (stack.length) {
-    const s = stack.pop();
+  walkSpans(detail?.roots, (s) => {
     map.set(s.span_id, s);
-    stack.push(...(s.children || []));
-  }
+  });
   return map;
 }
 
@@ -246,8 +243,8 @@ function pairsSection(c, a, b, spansA, spansB) {
     return h('tr', { class: p.same ? 'same' : 'differs', 'data-path': p.path },
       h('td', { class: 'name', title: p.path },
         h('span', { class: 'cmp-indent', style: { paddingLeft: `${depth(p.path) * 14}px` } },
-          h('a', { href: link(`trace/${a}`, { span: p.a_span_id }), title: 'open in A' }, p.name),
-          ' ', h('a', { href: link(`trace/${b}`, { span: p.b_span_id }), class: 'muted cmp-open-b', title: 'open in B' }, '↗B'))),
+          h('a', { href: traceLink(a, p.a_span_id), title: 'open in A' }, p.name),
+          ' ', h('a', { href: traceLink(b, p.b_span_id), class: 'muted cmp-open-b', title: 'open in B' }, '↗B'))),
       h('td', {}, kindBadge(p.llm_kind)),
       sideCells(values(spansA.get(p.a_span_id), diffs, 'a'), diffs, false),
       sideCells(values(spansB.get(p.b_span_id), diffs, 'b'), diffs, true),
@@ -328,7 +325,7 @@ function onlySection(c, a, b) {
     spans.length
       ? h('ul', { class: 'cmp-only-list' }, spans.map((s) => h('li', { class: cls, title: s.path },
         h('span', { class: 'cmp-indent', style: { paddingLeft: `${depth(s.path) * 14}px` } },
-          kindBadge(s.llm_kind), ' ', h('a', { href: link(`trace/${trace}`, { span: s.span_id }) }, s.name)),
+          kindBadge(s.llm_kind), ' ', h('a', { href: traceLink(trace, s.span_id) }, s.name)),
         h('span', { class: 'muted num' }, fmtMs(s.duration_ms), s.cost_usd ? `, ${fmtCost(s.cost_usd)}` : ''))))
       : h('div', { class: 'muted' }, 'none'));
   return h('section', { class: 'cmp-section' },

@@ -6,11 +6,10 @@
 // URL: #/dashboard?since=24h&group_by=model (or start=&end= in Unix seconds or RFC 3339).
 
 import {
-  api, errorBox, fmtCost, fmtInt, fmtMs, fmtPct, h, link, mount, navigate, rangePicker,
+  api, apiRange, durationSeconds, errorBox, fmtCost, fmtDurShort, fmtInt, fmtMs, fmtPct, fmtRelative, fmtShort, go, h,
+  isAuthError, link, loading, mount, navigate, rangeParams, rangePicker, totals,
 } from './core.js';
-import {
-  barChart, durationSeconds, fmtDurShort, fmtRelative, fmtShort, lineChart,
-} from './charts.js';
+import { barChart, lineChart } from './charts.js';
 
 /**
  * The group-by choices: metrics dimension → the trace list's filter for one of its
@@ -39,31 +38,25 @@ const MAX_LINES = 7;
 const MAX_BARS = 12;
 
 export async function render(root, route) {
-  const p = { since: '24h', group_by: 'model', ...route.params };
-  if (p.start) delete p.since; // an explicit range wins over the default
+  const p = rangeParams(route.params, { since: '24h', group_by: 'model' });
   const groupBy = GROUPS.some(([g]) => g === p.group_by) ? p.group_by : 'model';
-  const go = (changes) => {
-    const next = { ...p, ...changes };
-    for (const k of Object.keys(next)) if (next[k] === '' || next[k] === null) delete next[k];
-    navigate('dashboard', next);
-  };
 
   // The range, for the step: `since`, or start/end (Unix seconds or RFC 3339).
-  const range = p.start ? { start: p.start, end: p.end } : { since: p.since, end: p.end };
+  const range = apiRange(p);
   const seconds = p.start ? spanSeconds(p.start, p.end) : durationSeconds(p.since);
   const step = p.step || pickStep(seconds || 86400);
 
   const toolbar = h('div', { class: 'toolbar' },
     h('h1', { class: 'page-title' }, 'Dashboard'),
-    rangePicker(p.start ? '' : p.since, (r) => go({ since: r, start: '', end: '' })),
+    rangePicker(p.start ? '' : p.since, (r) => go('dashboard', p, { since: r, start: '', end: '' })),
     h('label', { class: 'inline-label' }, 'group by ',
       h('select', {
         id: 'group-by',
         'aria-label': 'group by',
-        onchange: (e) => go({ group_by: e.target.value }),
+        onchange: (e) => go('dashboard', p, { group_by: e.target.value }),
       }, GROUPS.map(([g]) => h('option', { value: g, selected: g === groupBy }, g.replace('_', ' '))))),
     h('span', { class: 'muted' }, `${p.start ? 'custom range, ' : ''}buckets of ${step}`));
-  mount(root, toolbar, h('div', { class: 'loading' }, 'Loading metrics…'));
+  mount(root, toolbar, loading('Loading metrics…'));
 
   // Four queries at once; a failing one only blanks its own charts.
   const whole = `${Math.max(1, Math.ceil(seconds || 86400))}s`; // one bucket: the range's p95
@@ -75,7 +68,7 @@ export async function render(root, route) {
   ]);
   if (traces.status === 'rejected' && grouped.status === 'rejected') {
     const e = traces.reason;
-    if (e.status === 401 || e.status === 403) throw e; // the shell asks for a key
+    if (isAuthError(e)) throw e; // the shell asks for a key
     mount(root, toolbar, errorBox(e));
     return;
   }
@@ -86,7 +79,7 @@ export async function render(root, route) {
 
   if (traces.status === 'fulfilled') {
     const res = traces.value;
-    parts.push(totals(res, overall.status === 'fulfilled' ? overall.value : null));
+    parts.push(rangeTotals(res, overall.status === 'fulfilled' ? overall.value : null));
     charts.append(...traceCharts(res));
   } else {
     parts.push(errorBox(traces.reason));
@@ -147,7 +140,7 @@ function tracesOf(point, filters = {}) {
 // --- Totals ------------------------------------------------------------------------
 
 /** The range's totals: requests, errors, error rate, p95, tokens, cost. */
-function totals(res, overall) {
+function rangeTotals(res, overall) {
   const s = res.series[0];
   const requests = s ? s.requests : 0;
   const errors = s ? s.errors : 0;
@@ -155,17 +148,16 @@ function totals(res, overall) {
   const tokensOut = s ? s.output_tokens : 0;
   const p95 = overall?.series[0]?.points[0]?.latency_ms?.p95 ?? null;
   const all = { start: Math.floor(res.start_ns / 1e9), end: Math.ceil(res.end_ns / 1e9) };
-  const t = (label, value, href, title) => h('div', { class: 't', title: title || null },
-    href ? h('a', { href }, h('b', {}, value)) : h('b', {}, value), h('span', {}, label));
   const sampled = res.sampling && res.sampling.extrapolated;
   return h('div', { class: 'dash-totals' },
-    h('div', { class: 'totals', id: 'dashboard-totals' },
-      t('requests', fmtInt(requests), link('traces', all)),
-      t('errors', fmtInt(errors), link('traces', { ...all, status: 'error' })),
-      t('error rate', requests ? fmtPct(errors / requests) : '–'),
-      t('p95 latency', fmtMs(p95)),
-      t('tokens', fmtInt(tokensIn + tokensOut), null, `${fmtInt(tokensIn)} in, ${fmtInt(tokensOut)} out`),
-      t('cost', fmtCost(s ? s.cost_usd : 0))),
+    totals([
+      [fmtInt(requests), 'requests', { href: link('traces', all) }],
+      [fmtInt(errors), 'errors', { href: link('traces', { ...all, status: 'error' }) }],
+      [requests ? fmtPct(errors / requests) : '–', 'error rate'],
+      [fmtMs(p95), 'p95 latency'],
+      [fmtInt(tokensIn + tokensOut), 'tokens', { title: `${fmtInt(tokensIn)} in, ${fmtInt(tokensOut)} out` }],
+      [fmtCost(s ? s.cost_usd : 0), 'cost'],
+    ], { id: 'dashboard-totals' }),
     sampled ? h('div', { class: 'muted sampling-note' }, `Sampled: ${res.sampling.note}`) : null);
 }
 

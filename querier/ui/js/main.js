@@ -2,7 +2,7 @@
 // page into <main>. Pages export `render(root, route)`.
 
 import {
-  api, currentProject, currentRoute, envBadge, errorBox, forgetProject, h, link, loading, mount,
+  api, currentProject, currentRoute, envBadge, errorBox, forgetProject, h, isAuthError, link, loading, mount,
   navigate, saveProject, savedProjects, selectProject,
 } from './core.js';
 import * as login from './login.js';
@@ -60,7 +60,7 @@ async function route() {
     await PAGES[page].render(root, r);
   } catch (e) {
     if (my !== generation) return;
-    if (e.status === 401 || e.status === 403) {
+    if (isAuthError(e)) {
       // A project saved from a server that no longer serves it without a key.
       const cur = currentProject();
       if (e.status === 401 && cur?.open) forgetProject(cur.project);

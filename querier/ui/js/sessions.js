@@ -5,9 +5,9 @@
 // URLs: #/sessions?since=7d&user_id=&order=recent and #/session/<id>?since=30d.
 
 import {
-  api, errorBox, fmtAgo, fmtCost, fmtInt, fmtMs, fmtTime, h, link, mount, navigate, rangePicker, tryJson,
+  api, apiRange, errorBox, errorMark, fetchTrace, fmtAgo, fmtCost, fmtInt, fmtMs, fmtTime, go, h, limiter, link,
+  messageText, mount, navigate, rangeParams, rangePicker, sessionLink, totals, traceLink, walkSpans,
 } from './core.js';
-import { limiter } from './charts.js';
 
 const ORDERS = ['recent', 'cost', 'traces', 'tokens'];
 /** Trace details fetched at once on a session's page. */
@@ -20,24 +20,13 @@ export async function render(root, route) {
   return renderList(root, route.params);
 }
 
-/** The API's time range of page parameters: start/end when given, else since. */
-function rangeOf(p) {
-  return p.start ? { start: p.start, end: p.end } : { since: p.since, end: p.end };
-}
-
 // --- The list ------------------------------------------------------------------
 
 async function renderList(root, params) {
-  const p = { since: '7d', limit: '100', ...params };
-  if (p.start) delete p.since;
-  const go = (changes) => {
-    const next = { ...p, ...changes };
-    for (const k of Object.keys(next)) if (next[k] === '' || next[k] === null) delete next[k];
-    navigate('sessions', next);
-  };
+  const p = rangeParams(params, { since: '7d', limit: '100' });
   const [res, users] = await Promise.all([
-    api('/api/v1/sessions', { ...rangeOf(p), user_id: p.user_id, order: p.order, limit: p.limit }),
-    api('/api/v1/users', { ...rangeOf(p), limit: 500 }).catch(() => null), // only for suggestions
+    api('/api/v1/sessions', { ...apiRange(p), user_id: p.user_id, order: p.order, limit: p.limit }),
+    api('/api/v1/users', { ...apiRange(p), limit: 500 }).catch(() => null), // only for suggestions
   ]);
   const sessions = res.sessions;
 
@@ -49,7 +38,7 @@ async function renderList(root, params) {
     id: 'session-filters',
     onsubmit: (e) => {
       e.preventDefault();
-      go({ user_id: user.value.trim(), order: order.value === 'recent' ? '' : order.value });
+      go('sessions', p, { user_id: user.value.trim(), order: order.value === 'recent' ? '' : order.value });
     },
   },
   h('label', {}, 'user', user),
@@ -58,7 +47,7 @@ async function renderList(root, params) {
   h('button', { type: 'submit', class: 'primary' }, 'Search'),
   h('button', { type: 'button', onclick: () => navigate('sessions', p.start ? { start: p.start, end: p.end } : { since: p.since }) }, 'Clear'));
 
-  const open = (s) => link(`session/${encodeURIComponent(s.id)}`, rangeOf(p));
+  const open = (s) => sessionLink(s.id, apiRange(p));
   const num = (v, title) => h('td', { class: 'num', title: title || null }, v);
   const table = h('table', { class: 'list', id: 'sessions-list' },
     h('thead', {}, h('tr', {},
@@ -75,7 +64,7 @@ async function renderList(root, params) {
     },
     h('td', { class: 'name' }, h('a', { href: open(s) }, s.id)),
     h('td', {}, s.user_id
-      ? h('a', { href: link('sessions', { ...rangeOf(p), user_id: s.user_id }), title: 'this user\'s sessions' }, s.user_id)
+      ? h('a', { href: link('sessions', { ...apiRange(p), user_id: s.user_id }), title: 'this user\'s sessions' }, s.user_id)
       : h('span', { class: 'muted' }, '–')),
     num(fmtInt(s.traces)),
     h('td', { class: 'num' }, s.errors ? h('span', { class: 'err-mark' }, fmtInt(s.errors)) : h('span', { class: 'muted' }, '0')),
@@ -90,9 +79,9 @@ async function renderList(root, params) {
   mount(root,
     h('div', { class: 'toolbar' },
       h('h1', { class: 'page-title' }, 'Sessions'),
-      rangePicker(p.start ? '' : p.since, (r) => go({ since: r, start: '', end: '' })),
+      rangePicker(p.start ? '' : p.since, (r) => go('sessions', p, { since: r, start: '', end: '' })),
       h('span', { class: 'muted', id: 'sessions-count' }, `${sessions.length}${full ? '+' : ''} sessions, ${fmtCost(cost)}`),
-      full ? h('button', { type: 'button', onclick: () => go({ limit: String(Math.min(1000, Number(p.limit) * 5)) }) }, 'more') : null),
+      full ? h('button', { type: 'button', onclick: () => go('sessions', p, { limit: String(Math.min(1000, Number(p.limit) * 5)) }) }, 'more') : null),
     form,
     sessions.length
       ? table
@@ -104,13 +93,12 @@ async function renderList(root, params) {
 // --- One session ------------------------------------------------------------------
 
 async function renderSession(root, id, params) {
-  const p = { since: '30d', ...params };
-  if (p.start) delete p.since;
+  const p = rangeParams(params, { since: '30d' });
   const back = h('a', { href: link('sessions', p.start ? { start: p.start, end: p.end } : { since: p.since === '30d' ? '7d' : p.since }) }, '← sessions');
-  const widen = rangePicker(p.start ? '' : p.since, (r) => navigate(`session/${encodeURIComponent(id)}`, { since: r }));
+  const widen = rangePicker(p.start ? '' : p.since, (r) => { location.hash = sessionLink(id, { since: r }); });
   let res;
   try {
-    res = await api(`/api/v1/sessions/${encodeURIComponent(id)}`, rangeOf(p));
+    res = await api(`/api/v1/sessions/${encodeURIComponent(id)}`, apiRange(p));
   } catch (e) {
     if (e.status !== 404) throw e;
     mount(root, h('div', { class: 'toolbar' }, back, h('h1', { class: 'page-title' }, 'Session'), h('code', {}, id)),
@@ -131,17 +119,16 @@ async function renderSession(root, id, params) {
       back,
       h('h1', { class: 'page-title' }, 'Session ', h('code', { class: 'session-id' }, id)),
       user,
-      h('a', { href: link('traces', { ...rangeOf(p), session_id: id }), id: 'session-traces' }, 'its traces in the list'),
+      h('a', { href: link('traces', { ...apiRange(p), session_id: id }), id: 'session-traces' }, 'its traces in the list'),
       h('span', { class: 'spacer' }),
       widen),
-    h('div', { class: 'totals session-totals' },
-      h('div', { class: 't' }, h('b', {}, fmtInt(traces.length)), h('span', {}, 'traces')),
-      h('div', { class: 't' }, h('b', { class: errors ? 'err-mark' : null }, fmtInt(errors)), h('span', {}, 'errors')),
-      h('div', { class: 't', title: `${fmtTime(first.start_ns)} – ${fmtTime(last.end_ns)}` },
-        h('b', {}, fmtMs(span / 1e6)), h('span', {}, `from ${fmtTime(first.start_ns)}`)),
-      h('div', { class: 't', title: `${fmtInt(sum('input_tokens'))} in, ${fmtInt(sum('output_tokens'))} out` },
-        h('b', {}, fmtInt(sum('total_tokens'))), h('span', {}, 'tokens')),
-      h('div', { class: 't' }, h('b', {}, fmtCost(sum('cost_usd'))), h('span', {}, 'cost'))),
+    totals([
+      [fmtInt(traces.length), 'traces'],
+      [fmtInt(errors), 'errors', { mark: errors ? 'err-mark' : null }],
+      [fmtMs(span / 1e6), `from ${fmtTime(first.start_ns)}`, { title: `${fmtTime(first.start_ns)} – ${fmtTime(last.end_ns)}` }],
+      [fmtInt(sum('total_tokens')), 'tokens', { title: `${fmtInt(sum('input_tokens'))} in, ${fmtInt(sum('output_tokens'))} out` }],
+      [fmtCost(sum('cost_usd')), 'cost'],
+    ], { class: 'session-totals' }),
     traces.length >= 1000 ? h('p', { class: 'muted' }, 'The session\'s latest 1,000 traces.') : null,
     list);
 
@@ -180,14 +167,14 @@ function turn(t, i, prev, run, onUser) {
       h('span', { class: 'turn-n' }, `#${i + 1}`),
       h('span', { class: 'turn-time', title: fmtTime(t.start_ns) }, fmtTime(t.start_ns).slice(11)),
       gap !== null && gap > 0 ? h('span', { class: 'muted turn-gap', title: 'since the previous trace ended' }, `+${fmtMs(gap / 1e6)}`) : null,
-      h('a', { href: link(`trace/${t.trace_id}`), class: 'turn-name' }, t.root_name || t.trace_id),
+      h('a', { href: traceLink(t.trace_id), class: 'turn-name' }, t.root_name || t.trace_id),
       h('span', { class: 'muted' }, t.root_service),
       h('span', { class: 'spacer' }),
-      t.error ? h('span', { class: 'err-mark', title: 'a span failed' }, '✕ error') : null,
+      t.error ? errorMark() : null,
       h('span', { class: 'turn-stat', title: 'duration' }, fmtMs(t.duration_ms)),
       h('span', { class: 'turn-stat', title: `${fmtInt(t.input_tokens)} in, ${fmtInt(t.output_tokens)} out` }, `${fmtInt(t.total_tokens)} tok`),
       h('span', { class: 'turn-stat' }, fmtCost(t.cost_usd)),
-      h('a', { href: link(`trace/${t.trace_id}`), class: 'turn-open' }, 'open trace →')),
+      h('a', { href: traceLink(t.trace_id), class: 'turn-open' }, 'open trace →')),
     chat);
   let started = false;
   card.load = () => {
@@ -196,13 +183,13 @@ function turn(t, i, prev, run, onUser) {
     run(async () => {
       if (!card.isConnected) return; // the page moved on
       try {
-        const d = await api(`/api/v1/traces/${encodeURIComponent(t.trace_id)}`);
+        const d = await fetchTrace(t.trace_id);
         const r = d.roots && d.roots[0];
         onUser(r?.user_id);
-        const failed = firstError(d.roots || []);
+        const failed = walkSpans(d.roots, (s) => String(s.status).toUpperCase() === 'ERROR');
         mount(chat,
-          message('user', r ? textOf(r.input, 'user') : null),
-          message('assistant', r ? textOf(r.output, 'assistant') : null, null,
+          message('user', r ? messageText(r.input, 'user') : null),
+          message('assistant', r ? messageText(r.output, 'assistant') : null, null,
             failed ? `${failed.name} failed${failed.status_message ? `: ${failed.status_message}` : ''}` : null));
       } catch (e) {
         mount(chat, errorBox(e));
@@ -210,17 +197,6 @@ function turn(t, i, prev, run, onUser) {
     });
   };
   return card;
-}
-
-/** The first failed span of a trace, depth-first, or null. */
-function firstError(roots) {
-  const stack = [...roots].reverse();
-  while (stack.length) {
-    const s = stack.pop();
-    if (String(s.status).toUpperCase() === 'ERROR') return s;
-    for (let i = (s.children || []).length - 1; i >= 0; i--) stack.push(s.children[i]);
-  }
-  return null;
 }
 
 /** A chat bubble: the role, then the text (clipped when long) or a placeholder. */
@@ -250,71 +226,4 @@ function clipped(text) {
     },
   }, `show all ${fmtInt(text.length)} characters`);
   return h('div', {}, body, more);
-}
-
-// --- Reading inputs and outputs -------------------------------------------------------
-
-/**
- * The readable text of a root span's input or output: plain text as is; chat
- * messages (OpenAI-like arrays, `{messages}`, `{choices}`) as the last message of
- * `role`; framework wrappers (`{"args": [...]}`, `{"input": …}`) unwrapped; other
- * JSON pretty-printed.
- */
-function textOf(raw, role) {
-  if (raw === null || raw === undefined || raw === '') return null;
-  const s = String(raw);
-  const j = tryJson(s);
-  if (j === null) {
-    if (/^\s*"/.test(s)) {
-      try {
-        const v = JSON.parse(s); // a JSON string literal
-        if (typeof v === 'string') return v;
-      } catch {
-        // not JSON after all
-      }
-    }
-    return s;
-  }
-  return fromJson(j, role) ?? JSON.stringify(j, null, 2);
-}
-
-const TEXT_KEYS = ['input', 'query', 'question', 'prompt', 'text', 'content', 'output', 'answer', 'result', 'response'];
-
-function fromJson(j, role) {
-  if (typeof j === 'string') return j;
-  if (Array.isArray(j)) {
-    const msgs = j.filter((m) => m && typeof m === 'object' && 'role' in m);
-    if (msgs.length) {
-      const mine = msgs.filter((m) => m.role === role);
-      return contentOf((mine.length ? mine : msgs).at(-1));
-    }
-    if (j.length && j.every((x) => typeof x === 'string')) return j.join('\n');
-    return null;
-  }
-  if (j && typeof j === 'object') {
-    if (Array.isArray(j.messages)) return fromJson(j.messages, role);
-    if (Array.isArray(j.choices) && j.choices[0]) return contentOf(j.choices[0].message || j.choices[0]);
-    if (Array.isArray(j.args) && typeof j.args[0] === 'string') return j.args[0];
-    for (const k of TEXT_KEYS) if (typeof j[k] === 'string') return j[k];
-    for (const k of TEXT_KEYS) {
-      if (j[k] && typeof j[k] === 'object') {
-        const r = fromJson(j[k], role);
-        if (r) return r;
-      }
-    }
-  }
-  return null;
-}
-
-/** A chat message's text; tool calls as "→ name(arguments)". */
-function contentOf(m) {
-  if (!m) return null;
-  let c = m.content;
-  if (Array.isArray(c)) c = c.map((part) => (typeof part === 'string' ? part : part?.text ?? '')).filter(Boolean).join('\n');
-  if (typeof c === 'string' && c) return c;
-  const calls = m.tool_calls || (m.function_call ? [m.function_call] : null);
-  if (calls && calls.length) {
-    return calls.map((tc) => `→ ${tc.name || tc.function?.name || 'tool'}(${tc.arguments ?? tc.function?.arguments ?? ''})`).join('\n');
-  }
-  return c && typeof c === 'object' ? JSON.stringify(c, null, 2) : null;
 }

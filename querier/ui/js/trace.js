@@ -7,7 +7,8 @@
 // written with history.replaceState so that selecting does not re-render the page.
 
 import {
-  api, errorBox, fmtCost, fmtInt, fmtMs, fmtTime, h, kindBadge, link, mount, post, tryJson,
+  api, errorBox, errorMark, fetchTrace, fmtCost, fmtInt, fmtMs, fmtTime, h, kindBadge, link, mount, parseMessages,
+  post, sessionLink, totals, traceLink, tryJson,
 } from './core.js';
 
 /** Row height in pixels: keep in step with `--row` in style.css. */
@@ -34,10 +35,6 @@ export async function render(root, route) {
   const view = new TraceView(trace, route.params, me);
   mount(root, view.el);
   view.start();
-}
-
-function fetchTrace(id) {
-  return api(`/api/v1/traces/${encodeURIComponent(id)}`);
 }
 
 // --- The page ------------------------------------------------------------------
@@ -143,13 +140,12 @@ class TraceView {
     const session = t.roots.find((r) => r.session_id)?.session_id
       || [...this.nodes.values()].find((n) => n.span.session_id)?.span.session_id;
     const id = t.trace_id;
-    const total = (label, value, title) => h('div', { class: 't', title: title || null }, h('b', {}, value), h('span', {}, label));
     this.traceScores = h('div', { id: 'trace-scores', class: 'scores-list' });
     mount(
       this.header,
       h('h1', { class: 'trace-title' },
         t.root_name || id,
-        t.error ? h('span', { class: 'err-mark', title: 'a span of this trace failed' }, ' ✕ error') : null),
+        t.error ? errorMark(' ✕ error', 'a span of this trace failed') : null),
       h('div', { class: 'trace-meta muted' },
         h('span', {}, t.root_service || rootSpan?.service_name || '–'),
         h('span', {}, fmtTime(t.start_ns)),
@@ -157,14 +153,15 @@ class TraceView {
         h('a', { href: link('compare', { a: id }) }, 'compare with…'),
         h('a', { href: link('compare', { a: id, prev: 1 }), title: 'compare with a trace of the same root name from the day before' },
           'same root name, previous day'),
-        session ? h('a', { href: link(`session/${encodeURIComponent(session)}`) }, `session ${session}`) : null),
-      h('div', { class: 'totals', id: 'trace-totals' },
-        total('duration', fmtMs(t.duration_ms)),
-        total('spans', fmtInt(t.span_count ?? this.nodes.size)),
-        total('input tokens', fmtInt(t.input_tokens ?? 0)),
-        total('output tokens', fmtInt(t.output_tokens ?? 0)),
-        total('total tokens', fmtInt(t.total_tokens ?? 0)),
-        total('cost', fmtCost(t.cost_usd ?? 0))),
+        session ? h('a', { href: sessionLink(session) }, `session ${session}`) : null),
+      totals([
+        [fmtMs(t.duration_ms), 'duration'],
+        [fmtInt(t.span_count ?? this.nodes.size), 'spans'],
+        [fmtInt(t.input_tokens ?? 0), 'input tokens'],
+        [fmtInt(t.output_tokens ?? 0), 'output tokens'],
+        [fmtInt(t.total_tokens ?? 0), 'total tokens'],
+        [fmtCost(t.cost_usd ?? 0), 'cost'],
+      ], { id: 'trace-totals' }),
       this.traceScores,
     );
     this.renderTraceScores();
@@ -285,7 +282,7 @@ class TraceView {
       }, kids ? (open ? '▾' : '▸') : ''),
       kindBadge(span.llm_kind),
       h('span', { class: 'wf-name' }, span.name),
-      err ? h('span', { class: 'err-mark', title: span.status_message || 'error' }, '✕') : null,
+      err ? errorMark('✕', span.status_message || 'error') : null,
       model ? h('span', { class: 'muted wf-model' }, model) : null,
       hidden ? h('span', { class: 'muted wf-hidden' }, `+${fmtInt(hidden)}`) : null);
     tree.style.paddingLeft = `${4 + depth * INDENT}px`;
@@ -392,8 +389,7 @@ class TraceView {
       el.setAttribute('aria-selected', String(on));
     }
     // Keep the selection in the address without re-rendering the page.
-    const params = { ...this.params, span: sid };
-    history.replaceState(history.state, '', link(`trace/${encodeURIComponent(this.trace.trace_id)}`, params));
+    history.replaceState(history.state, '', traceLink(this.trace.trace_id, sid, this.params));
     this.renderDetail();
   }
 
@@ -514,7 +510,7 @@ function spanSummary(span, t0) {
       ['cost', cost ? `${cost}${span.cost_source ? ` · priced as ${span.cost_source}` : ''}` : null],
       ['finish reason', span.finish_reason],
       ['user', span.user_id],
-      ['session', span.session_id ? h('a', { href: link(`session/${encodeURIComponent(span.session_id)}`) }, span.session_id) : null],
+      ['session', span.session_id ? h('a', { href: sessionLink(span.session_id) }, span.session_id) : null],
       ['prompt', prompt],
       ['environment', span.environment],
       ['span id', h('code', {}, span.span_id)],
@@ -575,14 +571,8 @@ function ioView(span) {
 }
 
 function messagesOrText(text) {
-  const parsed = typeof text === 'string' ? tryJson(text) : text;
-  if (isMessages(parsed)) return chatView(parsed);
-  return textBlock(text);
-}
-
-function isMessages(x) {
-  return Array.isArray(x) && x.length > 0
-    && x.every((m) => m && typeof m === 'object' && !Array.isArray(m) && typeof m.role === 'string');
+  const messages = parseMessages(text);
+  return messages ? chatView(messages) : textBlock(text);
 }
 
 /** Text, or pretty-printed JSON, in a <pre>. */
@@ -856,7 +846,7 @@ function linksView(span) {
     const tid = l.trace_id || l.traceId;
     const sid = l.span_id || l.spanId;
     return h('li', {},
-      tid ? h('a', { href: link(`trace/${encodeURIComponent(tid)}`, { span: sid }) }, h('code', {}, `${tid}${sid ? ` / ${sid}` : ''}`)) : textBlock(l),
+      tid ? h('a', { href: traceLink(tid, sid) }, h('code', {}, `${tid}${sid ? ` / ${sid}` : ''}`)) : textBlock(l),
       l.attributes && Object.keys(l.attributes).length ? attrList(l.attributes) : null);
   })));
 }

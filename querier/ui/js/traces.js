@@ -2,7 +2,8 @@
 // two rows picked to compare.
 
 import {
-  api, errorBox, fmtCost, fmtInt, fmtMs, fmtTime, fmtAgo, h, link, mount, navigate, rangePicker,
+  api, errorBox, errorMark, fmtCost, fmtInt, fmtMs, fmtTime, fmtAgo, go, h, link, mount, navigate, rangePicker,
+  rangeParams, traceLink,
 } from './core.js';
 
 /** The search API's filters, as the URL carries them. */
@@ -33,14 +34,8 @@ const COLUMNS = [
 const VIEW = ['sort', 'dir', 'pick'];
 
 export async function render(root, route) {
-  const p = { since: '24h', limit: '100', ...route.params };
   // A link with a start (from a dashboard bucket) gives its own range.
-  if (route.params.start) delete p.since;
-  const go = (changes) => {
-    const next = { ...p, ...changes };
-    for (const k of Object.keys(next)) if (next[k] === '' || next[k] === null) delete next[k];
-    navigate('traces', next);
-  };
+  const p = rangeParams(route.params, { since: '24h', limit: '100' });
   const params = Object.fromEntries(Object.entries(p).filter(([k]) => !VIEW.includes(k)));
   // The server sorts the whole range, so "most expensive" means of all matching traces.
   const sort = p.sort || 'start_ns';
@@ -79,7 +74,7 @@ export async function render(root, route) {
         e.preventDefault();
         const changes = { llm_kind: kind.value, status: status.value };
         for (const [k, el] of Object.entries(inputs)) changes[k] = el.value.trim();
-        go(changes);
+        go('traces', p, changes);
       },
     },
     FILTERS.slice(0, 7).map(field),
@@ -117,7 +112,7 @@ export async function render(root, route) {
 
   const header = h('tr', {}, h('th', {}, ''), COLUMNS.map(([key, label, num, order]) => h('th', {
     class: [order !== undefined ? 'sortable' : '', num ? 'num' : '', sort === key ? `sorted ${dir}` : ''].join(' ').trim(),
-    onclick: order === undefined ? null : () => go({ sort: key, dir: sort === key && dir === 'desc' ? 'asc' : 'desc' }),
+    onclick: order === undefined ? null : () => go('traces', p, { sort: key, dir: sort === key && dir === 'desc' ? 'asc' : 'desc' }),
   }, label)), h('th', {}, ''));
   const table = h(
     'table',
@@ -129,13 +124,13 @@ export async function render(root, route) {
       h('td', {}, pickBox(t)),
       h('td', { title: fmtTime(t.start_ns) }, fmtAgo(t.start_ns)),
       h('td', { class: 'name' },
-        h('a', { href: link(`trace/${t.trace_id}`) }, t.root_name || t.trace_id),
+        h('a', { href: traceLink(t.trace_id) }, t.root_name || t.trace_id),
         ' ', h('span', { class: 'muted' }, t.root_service)),
       h('td', { class: 'num' }, fmtMs(t.duration_ms)),
       h('td', { class: 'num' }, fmtInt(t.span_count)),
       h('td', { class: 'num', title: `${fmtInt(t.input_tokens)} in, ${fmtInt(t.output_tokens)} out` }, fmtInt(t.total_tokens)),
       h('td', { class: 'num' }, fmtCost(t.cost_usd)),
-      h('td', {}, t.error ? h('span', { class: 'err-mark', title: 'a span failed' }, '✕ error') : ''),
+      h('td', {}, t.error ? errorMark() : ''),
     ))),
   );
 
@@ -144,11 +139,11 @@ export async function render(root, route) {
     root,
     h('div', { class: 'toolbar' },
       h('h1', { style: { margin: '0 12px 0 0' } }, 'Traces'),
-      rangePicker(p.since, (r) => go({ since: r, start: '', end: '' })),
+      rangePicker(p.since, (r) => go('traces', p, { since: r, start: '', end: '' })),
       h('span', { class: 'muted', id: 'trace-count' },
         `${rows.length}${rows.length >= Number(p.limit) ? '+' : ''} traces, ${fmtCost(total)}`),
       rows.length >= Number(p.limit)
-        ? h('button', { type: 'button', onclick: () => go({ limit: String(Math.min(1000, Number(p.limit) * 5)) }) }, 'more')
+        ? h('button', { type: 'button', onclick: () => go('traces', p, { limit: String(Math.min(1000, Number(p.limit) * 5)) }) }, 'more')
         : null,
       h('span', { style: { flex: '1' } }),
       compareBtn),
