@@ -307,6 +307,35 @@ pub struct QuerierArgs {
     refresh: Duration,
     #[command(flatten)]
     access: AccessArgs,
+    #[command(flatten)]
+    kafka: ScoreKafkaArgs,
+}
+
+/// Kafka of the platform, for the querier: scores written on the query API (people
+/// annotating traces in the web UI, with a query key) go there as the receivers send
+/// them. Without it, `POST /api/v1/scores` on the querier answers 405.
+#[derive(clap::Args)]
+pub struct ScoreKafkaArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port…]`, for scores written on the
+    /// query API.
+    #[arg(long = "kafka-brokers", env = "LOUPE_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Topic of normalized spans (and scores).
+    #[arg(long = "kafka-topic", env = "LOUPE_KAFKA_TOPIC", default_value = kafka::DEFAULT_TOPIC)]
+    topic: String,
+    /// Extra librdkafka setting, `key=value` (repeatable). Values are never logged.
+    #[arg(long = "kafka-property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+}
+
+impl ScoreKafkaArgs {
+    fn config(&self) -> Option<KafkaConfig> {
+        Some(KafkaConfig {
+            brokers: self.brokers.clone()?,
+            topic: self.topic.clone(),
+            properties: self.properties.clone(),
+        })
+    }
 }
 
 /// The config file and keyless access, as the distributed roles take them.
@@ -353,7 +382,28 @@ pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
     tokio::spawn(index.clone().refresh_loop(args.refresh));
     let mut registry = Registry::default();
     let metrics = QueryMetrics::new(&mut registry);
-    access.watch(&mut registry, |_| Ok(()));
+    // Scores from the UI: produced to Kafka like the receivers' (no spans go this way).
+    let scores = match args.kafka.config() {
+        Some(kafka) => {
+            let producer = Arc::new(KafkaSink::new(kafka, ProducerSettings::default())?);
+            let ingest = Arc::new(Ingest::new(
+                producer,
+                &access.config,
+                access.control.clone(),
+                Arc::new(IngestMetrics::new(&mut registry)),
+                None,
+            )?);
+            Some(ingest)
+        }
+        None => None,
+    };
+    let reload = scores.clone();
+    access.watch(&mut registry, move |c| {
+        if let Some(ingest) = &reload {
+            ingest.reload(c)?;
+        }
+        Ok(())
+    });
     let deletions = loupe_core::deletion::Deletions::default();
     deletions
         .refresh(&storage)
@@ -367,13 +417,28 @@ pub async fn run_querier(args: QuerierArgs) -> anyhow::Result<()> {
     let engine = Arc::new(
         QueryEngine::new(Arc::new(index), &storage).with_deletions(deletions, storage.clone()),
     );
-    let router = loupe_querier::api::router(engine, access.control.clone(), metrics)
-        .merge(ops_router(registry));
+    let kafka_line = args
+        .kafka
+        .config()
+        .map(|k| format!("\n  scores     to kafka {} topic {}", k.brokers, k.topic))
+        .unwrap_or_default();
+    let router = loupe_querier::api::router_with(
+        engine,
+        access.control.clone(),
+        metrics,
+        loupe_querier::api::Extras {
+            alerts: None,
+            scores: scores.map(|i| {
+                Arc::new(crate::server::IngestScores(i)) as Arc<dyn loupe_querier::api::ScoreWriter>
+            }),
+        },
+    )
+    .merge(ops_router(registry));
     let (listener, local) = bind(args.query_addr, "the query API").await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = serve(listener, router, &stop_rx);
     say(&format!(
-        "loupe querier is running\n  query-api  http://{local}/api/v1/traces\n  storage    {} ({blocks} blocks)\n{}",
+        "loupe querier is running\n  query-api  http://{local}/api/v1/traces\n  storage    {} ({blocks} blocks){kafka_line}\n{}",
         storage.url(),
         access.line()
     ));

@@ -403,3 +403,32 @@ pub fn redaction_key(data_dir: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>>
     }
     Ok(Some(key.into_bytes()))
 }
+
+/// Scores written on the query API (annotations from the web UI) take the same
+/// durable path as those sent to the OTLP/HTTP port.
+pub struct IngestScores(pub std::sync::Arc<loupe_ingester::Ingest>);
+
+impl loupe_querier::api::ScoreWriter for IngestScores {
+    fn write<'a>(
+        &'a self,
+        tenant: &'a loupe_core::TenantId,
+        body: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, (axum::http::StatusCode, String)>> {
+        use axum::http::StatusCode;
+        use loupe_ingester::ingest::IngestError;
+        Box::pin(async move {
+            self.0.submit_scores(tenant, body).await.map_err(|e| {
+                let status = match &e {
+                    IngestError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+                    IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+                    IngestError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                    IngestError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+                    IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, e.to_string())
+            })
+        })
+    }
+}

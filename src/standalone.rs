@@ -202,7 +202,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         query_metrics,
         loupe_querier::api::Extras {
             alerts: alert_states,
-            scores: Some(Arc::new(IngestScores(ingest.clone()))),
+            scores: Some(Arc::new(crate::server::IngestScores(ingest.clone()))),
         },
     )
     .merge(crate::server::ops_router(registry));
@@ -273,33 +273,4 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let _ = compaction.await;
     queue.shutdown().await.context("final flush failed; spans remain in the write-ahead log and are replayed on the next start")?;
     Ok(())
-}
-
-/// Scores written on the query API (annotations from the web UI) take the same
-/// durable path as those sent to the OTLP/HTTP port.
-struct IngestScores(Arc<Ingest>);
-
-impl loupe_querier::api::ScoreWriter for IngestScores {
-    fn write<'a>(
-        &'a self,
-        tenant: &'a TenantId,
-        body: &'a [u8],
-    ) -> futures::future::BoxFuture<'a, Result<Vec<String>, (axum::http::StatusCode, String)>> {
-        use axum::http::StatusCode;
-        use loupe_ingester::ingest::IngestError;
-        Box::pin(async move {
-            self.0.submit_scores(tenant, body).await.map_err(|e| {
-                let status = match &e {
-                    IngestError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-                    IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                    IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                    IngestError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-                    IngestError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-                    IngestError::PermissionDenied(_) => StatusCode::FORBIDDEN,
-                    IngestError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                (status, e.to_string())
-            })
-        })
-    }
 }

@@ -468,12 +468,15 @@ fn pod_template(platform: &TracePlatform, role: Role) -> Value {
         json!({ "name": "config", "mountPath": CONFIG_DIR, "readOnly": true }),
         json!({ "name": "tmp", "mountPath": "/tmp" }),
     ];
-    if matches!(role, Role::Receive | Role::Write) {
+    // The querier produces the scores people add in the web UI.
+    if matches!(role, Role::Receive | Role::Write | Role::Querier) {
         args.push(format!("--kafka-brokers={}", kafka.bootstrap_servers));
         args.push(format!("--kafka-topic={}", kafka.topic));
-        args.push(format!("--kafka-partitions={}", kafka.partitions));
-        if let Some(rf) = kafka.replication_factor {
-            args.push(format!("--kafka-replication={rf}"));
+        if role != Role::Querier {
+            args.push(format!("--kafka-partitions={}", kafka.partitions));
+            if let Some(rf) = kafka.replication_factor {
+                args.push(format!("--kafka-replication={rf}"));
+            }
         }
         if let Some(sec) = &kafka.security {
             args.push(format!(

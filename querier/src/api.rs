@@ -75,7 +75,8 @@ pub struct Extras {
     /// The states of the alert rules this process evaluates (served at
     /// `/api/v1/alerts`, each project seeing its own).
     pub alerts: Option<crate::alert_runner::SharedStates>,
-    /// Where `POST /api/v1/scores` with a query key writes (`loupe standalone`).
+    /// Where `POST /api/v1/scores` with a query key writes (`loupe standalone`'s
+    /// write-ahead log, or Kafka for `loupe querier --kafka-brokers`).
     pub scores: Option<Arc<dyn ScoreWriter>>,
 }
 
@@ -196,8 +197,9 @@ async fn post_scores(
     let Some(writer) = &state.scores else {
         return Err(ApiError(
             StatusCode::METHOD_NOT_ALLOWED,
-            "this querier does not write scores: send them to the ingest endpoint \
-             (POST /api/v1/scores on the OTLP/HTTP port) with an ingest key"
+            "this querier does not write scores: start it with --kafka-brokers (the operator \
+             does), or send them to the ingest endpoint (POST /api/v1/scores on the OTLP/HTTP \
+             port) with an ingest key"
                 .into(),
         ));
     };

@@ -260,7 +260,7 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Operation> {
         Operation {
             method: "post",
             path: "/api/v1/scores",
-            summary: "Attach scores to traces or spans: on the OTLP/HTTP port with an ingest key, or on the query API of `loupe standalone` with a query key (the web UI's annotations; a querier answers 405)",
+            summary: "Attach scores to traces or spans: on the OTLP/HTTP port with an ingest key, or on the query API with a query key (the web UI's annotations; a querier without Kafka answers 405)",
             params: vec![],
             path_params: &[],
             response: s(g.subschema_for::<ScoreIds>()),

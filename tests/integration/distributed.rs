@@ -162,6 +162,26 @@ impl Cluster {
     pub fn querier(&self) -> Loupe {
         Loupe::querier(&self.storage(), self.dir.path(), &[])
     }
+
+    /// A querier that produces scores written on its query API to the cluster's Kafka.
+    pub fn querier_with_kafka(&self) -> Loupe {
+        let args: Vec<String> = [
+            "querier",
+            "--storage",
+            &self.storage(),
+            "--query-addr",
+            "127.0.0.1:0",
+            "--refresh",
+            "100ms",
+            "--kafka-brokers",
+            &self.broker.bootstrap(),
+            "--kafka-topic",
+            &self.topic,
+        ]
+        .map(String::from)
+        .to_vec();
+        Loupe::spawn(&args, self.dir.path(), &[], &["query-api"])
+    }
 }
 
 /// Waits until the querier serves exactly `want` traces of `service`, each with its
@@ -314,7 +334,7 @@ async fn spans_flow_from_receive_through_kafka_to_a_separate_querier() {
     let cluster = Cluster::new();
     let receive = cluster.receive();
     let writer = cluster.writer(&[]);
-    let querier = cluster.querier();
+    let querier = cluster.querier_with_kafka();
 
     let mut ids = send(&receive, "dist-svc", 30).await;
     // OTLP/HTTP goes the same way.
@@ -364,6 +384,26 @@ async fn spans_flow_from_receive_through_kafka_to_a_separate_querier() {
         m.contains("loupe_writer_committed_offset{partition="),
         "{m}"
     );
+
+    // A person's score, written on the querier's API (the web UI's annotation), goes
+    // through Kafka and the writer too.
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/scores", querier.query))
+        .json(&serde_json::json!({"trace_id": first, "name": "helpful", "value": true, "source": "human"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    eventually(Duration::from_secs(60), || async {
+        let t = querier.trace(first).await;
+        let scores = t["scores"].as_array().cloned().unwrap_or_default();
+        scores
+            .iter()
+            .any(|s| s["name"] == "helpful" && s["source"] == "human" && s["label"] == "true")
+            .then_some(())
+            .ok_or_else(|| format!("no human score yet: {}", t["scores"]))
+    })
+    .await;
 }
 
 /// A policy and 1,000 traces with a known mix; the kept set is computed from the
