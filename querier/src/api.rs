@@ -156,15 +156,17 @@ pub fn router_with(
 pub struct WhoAmI {
     /// `namespace/name`.
     pub project: String,
-    /// `dev`, `staging` or `prod`, when the config lists the project.
-    pub environment: Option<String>,
+    /// `dev`, `staging` or `prod` (`dev`, the config's default, for a project the
+    /// config does not list).
+    pub environment: String,
     /// The key's name in the config (`anonymous` when the process serves without
     /// keys).
     pub key_name: String,
     /// Whether this process serves requests without keys.
     pub open: bool,
     /// Whether scores can be written here with the query key (`POST
-    /// /api/v1/scores`); otherwise they go to the ingest endpoint with an ingest key.
+    /// /api/v1/scores`: standalone, or a querier with Kafka); otherwise they go to the
+    /// ingest endpoint with an ingest key.
     pub scores_writable: bool,
 }
 
@@ -175,7 +177,7 @@ async fn whoami(
     let owner = state.owner(&headers)?;
     Ok(axum::Json(WhoAmI {
         project: owner.tenant.to_string(),
-        environment: Some(owner.environment.unwrap_or_default().as_str().to_owned()),
+        environment: owner.environment.unwrap_or_default().as_str().to_owned(),
         key_name: owner.name,
         open: state.auth.is_open(),
         scores_writable: state.scores.is_some(),
