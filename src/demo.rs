@@ -1937,6 +1937,9 @@ impl Ctx<'_> {
         self.s(emb, "embedding.model_name", "text-embedding-3-small");
         self.s(emb, "llm.provider", "openai");
         self.s(emb, "embedding.embeddings.0.embedding.text", q.question);
+        // The vector itself is left out, as instrumentations are usually told to;
+        // its size is kept.
+        self.int(emb, "gen_ai.embeddings.dimension.count", 1536);
         self.s(emb, "input.value", q.question);
         self.int(emb, "llm.token_count.prompt", q_tokens);
         self.int(emb, "llm.token_count.total", q_tokens);

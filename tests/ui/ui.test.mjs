@@ -174,6 +174,13 @@ await check('a retrieval span shows its ranked documents', async () => {
   assert.ok(first.includes(String(docs[0].score)), `${first} / score ${docs[0].score}`);
   assert.ok(first.includes(docs[0].metadata?.title || docs[0].id), first);
   await shot('retrieval');
+  // Its embedding span: model, texts and dimensions.
+  const embedding = all.find((s) => s.llm_kind === 'EMBEDDING');
+  await page.click(`#waterfall .wf-row[data-span="${embedding.span_id}"]`);
+  await page.waitForFunction(() => (document.getElementById('span-detail')?.innerText || '').includes('dimensions'));
+  const detail = await page.innerText('#span-detail');
+  assert.match(detail, /dimensions\s+1,536/);
+  assert.ok(detail.includes(embedding.request_model || embedding.response_model), detail);
 });
 
 await check('a score added on the page is stored through the scores API', async () => {
