@@ -23,6 +23,9 @@ assert.ok(base && ingest && keyed && queryKey, 'LOUPE_UI_* variables are set');
 
 const browser = await launch();
 const context = await browser.newContext({ viewport: { width: 1440, height: 900 } });
+// The whole suite runs beside this test on two cores: waits are generous (they end as
+// soon as the page is ready; only a failure waits them out).
+context.setDefaultTimeout(60000);
 const page = await context.newPage();
 const problems = [];
 page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
@@ -194,7 +197,7 @@ await check('a score added on the page is stored through the scores API', async 
   await page.waitForFunction(
     () => (document.getElementById('trace-scores')?.innerText || '').includes('helpfulness'),
     null,
-    { timeout: 30000 },
+    { timeout: 60000 },
   );
   const stored = await api(`/api/v1/scores?trace_id=${chosen.trace_id}&since=1h`);
   const s = stored.scores.find((x) => x.name === 'helpfulness');
@@ -307,6 +310,7 @@ await check('the dashboard draws its charts, linked to the traces behind them', 
 
 await check('a deployment with keys asks for a query key and marks the environment', async () => {
   const fresh = await browser.newContext({ viewport: { width: 1440, height: 900 } });
+  fresh.setDefaultTimeout(60000);
   const p = await fresh.newPage();
   p.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   p.on('request', (r) => {
@@ -335,7 +339,7 @@ console.log(`all ${step} checks passed`);
 
 // --- helpers -----------------------------------------------------------------
 
-async function waitFor(fn, timeoutMs = 30000) {
+async function waitFor(fn, timeoutMs = 60000) {
   const end = Date.now() + timeoutMs;
   for (;;) {
     const v = await fn();
