@@ -745,6 +745,7 @@ impl QueryEngine {
             let ids = b.column(0).as_fixed_size_binary();
             let root_name = strings(b, "root_name")?;
             let root_service = strings(b, "root_service")?;
+            let (users, sessions) = (strings(b, "user_id")?, strings(b, "session_id")?);
             let i = |name| ints(b, name);
             let (start, end, count) = (i("start_ns")?, i("end_ns")?, i("span_count")?);
             let (tin, tout, ttot) = (i("input_tokens")?, i("output_tokens")?, i("total_tokens")?);
@@ -775,6 +776,8 @@ impl QueryEngine {
                             total_tokens: opt_i64(&ttot, r).unwrap_or(0),
                             cost_usd: opt_f64(&cost, r).unwrap_or(0.0),
                             error: err.value(r) > 0,
+                            user_id: opt_str(&users, r),
+                            session_id: opt_str(&sessions, r),
                         },
                     },
                 });
@@ -937,7 +940,8 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, 
               min(start_ns) AS start_ns, max(end_ns) AS end_ns, \
               max(CASE WHEN status = 'ERROR' THEN 1 ELSE 0 END) AS is_error, \
               max(input_tokens) AS input_tokens, max(output_tokens) AS output_tokens, \
-              max(total_tokens) AS total_tokens, max(cost_total_usd) AS cost_total_usd \
+              max(total_tokens) AS total_tokens, max(cost_total_usd) AS cost_total_usd, \
+              max(user_id) AS user_id, max(session_id) AS session_id \
               {flag_cols} \
             FROM spans GROUP BY trace_id, span_id), \
          traces AS (\
@@ -947,11 +951,13 @@ fn search_sql(q: &SearchQuery, scan: (i64, i64), only: &[[u8; 16]]) -> (String, 
               coalesce(max(CASE WHEN is_root = 1 THEN service_name END), first_value(service_name ORDER BY start_ns)) AS root_service, \
               sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, \
               sum(total_tokens) AS total_tokens, sum(cost_total_usd) AS cost_usd, \
-              max(is_error) AS is_error \
+              max(is_error) AS is_error, \
+              coalesce(max(CASE WHEN is_root = 1 THEN user_id END), max(user_id)) AS user_id, \
+              coalesce(max(CASE WHEN is_root = 1 THEN session_id END), max(session_id)) AS session_id \
               {flag_aggs} \
             FROM dedup GROUP BY trace_id) \
          SELECT trace_id, start_ns, end_ns, span_count, root_name, root_service, \
-           input_tokens, output_tokens, total_tokens, cost_usd, is_error \
+           input_tokens, output_tokens, total_tokens, cost_usd, is_error, user_id, session_id \
          FROM traces WHERE {} \
          ORDER BY {} LIMIT {limit}",
         trace_conds.join(" AND "),
@@ -1155,6 +1161,16 @@ pub fn build_trace(trace_id: String, spans: Vec<SpanNode>) -> TraceView {
     }
     totals.duration_ms = ms(totals.end_ns - totals.start_ns);
     totals.start_time = rfc3339(totals.start_ns);
+    // The root's user and session, else any span's (as searches report them).
+    let pick = |f: fn(&SpanNode) -> &Option<String>| {
+        let roots = spans.iter().filter(|s| s.parent_span_id.is_none());
+        roots
+            .filter_map(|s| f(s).clone())
+            .max()
+            .or_else(|| spans.iter().filter_map(|s| f(s).clone()).max())
+    };
+    totals.user_id = pick(|s| &s.user_id);
+    totals.session_id = pick(|s| &s.session_id);
 
     let ids: HashSet<String> = spans.iter().map(|s| s.span_id.clone()).collect();
     let mut children: HashMap<String, Vec<SpanNode>> = HashMap::new();

@@ -140,6 +140,12 @@ pub struct TraceTotals {
     pub total_tokens: i64,
     pub cost_usd: f64,
     pub error: bool,
+    /// The trace's user: the root span's, else any span's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The trace's session: the root span's, else any span's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
 }
 
 /// One search hit.

@@ -113,6 +113,29 @@ async fn a_person_scores_a_trace_through_the_query_api_with_a_query_key() {
     .await;
     assert_eq!(got["source"], "human");
     assert_eq!(got["label"], "false");
+    // The list and the trace name its user (the trace list's user column).
+    let listed: Value = http
+        .get(format!("{}/api/v1/traces?start=0", loupe.query))
+        .bearer_auth(&query)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["traces"][0]["user_id"], "ann", "{listed}");
+    let (_, whole) = (
+        (),
+        http.get(format!("{}/api/v1/traces/{trace_id}", loupe.query))
+            .bearer_auth(&query)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(whole["user_id"], "ann");
     assert_eq!(got["comment"], "answered another question");
     // An ingest key does not read, and an invalid score is refused naming the field.
     assert_eq!(post(&ingest, score).await.unwrap().status(), 403);

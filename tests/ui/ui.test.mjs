@@ -89,9 +89,20 @@ await check('the trace list shows the demo traces with their totals', async () =
   const cells = await first.locator('td').allInnerTexts(); // pick, started, trace, duration, spans, …
   assert.equal(cells[4].trim(), count, `span count of ${cells.join(' | ')}`);
   await shot('traces');
+  // A row's user narrows the list to that user's traces.
+  const userLink = page.locator('#trace-list tbody td.user a').first();
+  const user = await userLink.innerText();
+  const before = await page.evaluate(() => document.getElementById('main').dataset.rendered);
+  await userLink.click();
+  await page.waitForFunction((b) => document.getElementById('main').dataset.rendered !== b
+    && document.getElementById('main').getAttribute('aria-busy') === 'false', before);
+  assert.equal(hashParams().get('user_id'), user);
+  const users = await page.locator('#trace-list tbody td.user').allInnerTexts();
+  assert.ok(users.length > 0 && users.every((u) => u === user), users.join(','));
 });
 
 await check('filters live in the URL and narrow the list', async () => {
+  await visit(`${base}/#/traces?since=24h`);
   await page.fill('#trace-filters input[name=service]', 'docs-search');
   await page.click('#trace-filters button[type=submit]');
   await page.waitForFunction(() => location.hash.includes('service=docs-search'));

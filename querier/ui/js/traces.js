@@ -113,7 +113,7 @@ export async function render(root, route) {
   const header = h('tr', {}, h('th', {}, ''), COLUMNS.map(([key, label, num, order]) => h('th', {
     class: [order !== undefined ? 'sortable' : '', num ? 'num' : '', sort === key ? `sorted ${dir}` : ''].join(' ').trim(),
     onclick: order === undefined ? null : () => go('traces', p, { sort: key, dir: sort === key && dir === 'desc' ? 'asc' : 'desc' }),
-  }, label)), h('th', {}, ''));
+  }, label)), h('th', {}, 'user'), h('th', {}, ''));
   const table = h(
     'table',
     { class: 'list', id: 'trace-list' },
@@ -130,6 +130,9 @@ export async function render(root, route) {
       h('td', { class: 'num' }, fmtInt(t.span_count)),
       h('td', { class: 'num', title: `${fmtInt(t.input_tokens)} in, ${fmtInt(t.output_tokens)} out` }, fmtInt(t.total_tokens)),
       h('td', { class: 'num' }, fmtCost(t.cost_usd)),
+      // The user narrows the list to their traces; the session is in the tooltip.
+      h('td', { class: 'user', title: t.session_id ? `session ${t.session_id}` : null },
+        t.user_id ? h('a', { href: link('traces', { ...p, user_id: t.user_id, pick: '' }) }, t.user_id) : ''),
       h('td', {}, t.error ? errorMark() : ''),
     ))),
   );
