@@ -31,21 +31,25 @@ fn keyed_config(dir: &Path) -> (PathBuf, String, String) {
     (path, ingest, query)
 }
 
+/// GETs a query API URL with a query key; the JSON answer.
+async fn get_json(http: &reqwest::Client, url: String, key: &str) -> Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn whoami_names_the_project_and_environment_of_a_key() {
     let dir = tempfile::tempdir().unwrap();
     let (config, ingest, query) = keyed_config(dir.path());
     let loupe = Loupe::start(dir.path(), &["--config", config.to_str().unwrap()]);
     let http = reqwest::Client::new();
-    let me: Value = http
-        .get(format!("{}/api/v1/whoami", loupe.query))
-        .bearer_auth(&query)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me = get_json(&http, format!("{}/api/v1/whoami", loupe.query), &query).await;
     assert_eq!(me["project"], "shop/chat");
     assert_eq!(me["environment"], "prod");
     assert_eq!(me["key_name"], "ui");
@@ -95,15 +99,12 @@ async fn a_person_scores_a_trace_through_the_query_api_with_a_query_key() {
     assert_eq!(ids["ids"].as_array().unwrap().len(), 1);
     // It is the project's, durable, and shows with the trace.
     let got = eventually(Duration::from_secs(20), || async {
-        let v: Value = http
-            .get(format!("{}/api/v1/traces/{trace_id}", loupe.query))
-            .bearer_auth(&query)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let v = get_json(
+            &http,
+            format!("{}/api/v1/traces/{trace_id}", loupe.query),
+            &query,
+        )
+        .await;
         let scores = v["scores"].as_array().cloned().unwrap_or_default();
         scores
             .into_iter()
@@ -113,30 +114,22 @@ async fn a_person_scores_a_trace_through_the_query_api_with_a_query_key() {
     .await;
     assert_eq!(got["source"], "human");
     assert_eq!(got["label"], "false");
-    // The list and the trace name its user (the trace list's user column).
-    let listed: Value = http
-        .get(format!("{}/api/v1/traces?start=0", loupe.query))
-        .bearer_auth(&query)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(listed["traces"][0]["user_id"], "ann", "{listed}");
-    let (_, whole) = (
-        (),
-        http.get(format!("{}/api/v1/traces/{trace_id}", loupe.query))
-            .bearer_auth(&query)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap(),
-    );
-    assert_eq!(whole["user_id"], "ann");
     assert_eq!(got["comment"], "answered another question");
+    // The list and the trace name its user (the trace list's user column).
+    let listed = get_json(
+        &http,
+        format!("{}/api/v1/traces?start=0", loupe.query),
+        &query,
+    )
+    .await;
+    assert_eq!(listed["traces"][0]["user_id"], "ann", "{listed}");
+    let whole = get_json(
+        &http,
+        format!("{}/api/v1/traces/{trace_id}", loupe.query),
+        &query,
+    )
+    .await;
+    assert_eq!(whole["user_id"], "ann");
     // An ingest key does not read, and an invalid score is refused naming the field.
     assert_eq!(post(&ingest, score).await.unwrap().status(), 403);
     let bad = post(
