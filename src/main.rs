@@ -178,13 +178,15 @@ mod operator_cmd {
                         addr,
                         certificate: match args.webhook_cert_dir {
                             Some(dir) => loupe_operator::webhook_tls::CertSource::Files(dir),
-                            None => loupe_operator::webhook_tls::CertSource::SelfManaged {
-                                namespace: args.lease_namespace.clone(),
-                                service: args.webhook_service,
-                                hosts: webhook_hosts,
-                                secret: args.webhook_secret,
-                                configuration: args.webhook_configuration,
-                            },
+                            None => loupe_operator::webhook_tls::CertSource::SelfManaged(
+                                loupe_operator::webhook_tls::SelfManaged {
+                                    namespace: args.lease_namespace.clone(),
+                                    service: args.webhook_service,
+                                    hosts: webhook_hosts,
+                                    secret: args.webhook_secret,
+                                    configuration: args.webhook_configuration,
+                                },
+                            ),
                         },
                     }),
             },

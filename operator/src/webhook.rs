@@ -275,6 +275,12 @@ mod tests {
         (response, serde_json::from_value(patched).unwrap())
     }
 
+    /// Asserts that the response's first warning contains `text`.
+    fn assert_warns(response: &Value, text: &str) {
+        let warning = response["warnings"][0].as_str().unwrap_or_default();
+        assert!(warning.contains(text), "{response}");
+    }
+
     fn env_of(c: &Container) -> BTreeMap<String, String> {
         c.env
             .iter()
@@ -435,12 +441,7 @@ mod tests {
         let missing =
             deployment_pod(json!({ "loupe.dev/inject": "true", "loupe.dev/project": "nope" }));
         let (response, _) = run(&api, &missing).await;
-        assert!(
-            response["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("no TraceProject \"nope\"")
-        );
+        assert_warns(&response, "no TraceProject \"nope\"");
     }
 
     #[tokio::test]
@@ -450,20 +451,10 @@ mod tests {
         api.put(&project("chat"));
         let pod = deployment_pod(json!({ "loupe.dev/inject": "true" }));
         let (response, _) = run(&api, &pod).await;
-        assert!(
-            response["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("TracePlatform observability/loupe")
-        );
+        assert_warns(&response, "TracePlatform observability/loupe");
         let odd = deployment_pod(json!({ "loupe.dev/inject": "yes please" }));
         let (response, _) = run(&world(&[], &["chat"]), &odd).await;
-        assert!(
-            response["warnings"][0]
-                .as_str()
-                .unwrap()
-                .contains("neither \"true\" nor \"false\"")
-        );
+        assert_warns(&response, "neither \"true\" nor \"false\"");
     }
 
     #[tokio::test]

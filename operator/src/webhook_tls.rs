@@ -41,20 +41,34 @@ const CHECK_EVERY: Duration = Duration::from_secs(300);
 pub enum CertSource {
     /// cert-manager (or anything) writes `tls.crt` and `tls.key` here.
     Files(PathBuf),
-    /// The operator issues and renews it, keeping CA and certificate in `secret`.
-    SelfManaged {
-        /// The operator's namespace, where the Secret and the Service are.
-        namespace: String,
-        /// The Service the API server calls (`<service>.<namespace>.svc`).
-        service: String,
-        /// More names (DNS names or IP addresses) the certificate is valid for: the
-        /// host of the webhook's URL when the API server calls the operator outside
-        /// the cluster (`--webhook-url`).
-        hosts: Vec<String>,
-        secret: String,
-        /// The MutatingWebhookConfiguration whose `caBundle` the operator keeps.
-        configuration: String,
-    },
+    /// The operator issues and renews it.
+    SelfManaged(SelfManaged),
+}
+
+/// A certificate the operator issues and renews, keeping CA and certificate in a
+/// Secret.
+#[derive(Clone, Debug)]
+pub struct SelfManaged {
+    /// The operator's namespace, where the Secret and the Service are.
+    pub namespace: String,
+    /// The Service the API server calls (`<service>.<namespace>.svc`).
+    pub service: String,
+    /// More names (DNS names or IP addresses) the certificate is valid for: the
+    /// host of the webhook's URL when the API server calls the operator outside
+    /// the cluster (`--webhook-url`).
+    pub hosts: Vec<String>,
+    pub secret: String,
+    /// The MutatingWebhookConfiguration whose `caBundle` the operator keeps.
+    pub configuration: String,
+}
+
+impl SelfManaged {
+    /// The stored certificate and CA bundle, issued or renewed first when needed
+    /// ([`ensure`]).
+    pub async fn ensure(&self, client: &Client) -> Result<(Issued, String), String> {
+        let names = names(&self.service, &self.namespace, &self.hosts);
+        ensure(client, &self.namespace, &names, &self.secret).await
+    }
 }
 
 /// A serving certificate and its CA, PEM.
@@ -281,22 +295,9 @@ pub async fn serve(
                     format!("reading the webhook certificate from {}", dir.display())
                 })?
         }
-        CertSource::SelfManaged {
-            namespace,
-            service,
-            hosts,
-            secret,
-            configuration,
-        } => {
-            let (issued, bundle) = ensure(
-                &client,
-                namespace,
-                &names(service, namespace, hosts),
-                secret,
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
-            if let Err(e) = publish_ca(&client, configuration, &bundle).await {
+        CertSource::SelfManaged(managed) => {
+            let (issued, bundle) = managed.ensure(&client).await.map_err(anyhow::Error::msg)?;
+            if let Err(e) = publish_ca(&client, &managed.configuration, &bundle).await {
                 tracing::warn!(error = %e, "the webhook's CA is not published; the API server will not reach the webhook until it is");
             }
             RustlsConfig::from_pem(issued.cert_pem.into_bytes(), issued.key_pem.into_bytes())
@@ -316,23 +317,11 @@ pub async fn serve(
                         .reload_from_pem_file(dir.join("tls.crt"), dir.join("tls.key"))
                         .await
                         .map_err(|e| e.to_string()),
-                    CertSource::SelfManaged {
-                        namespace,
-                        service,
-                        hosts,
-                        secret,
-                        configuration,
-                    } => match ensure(
-                        &client,
-                        namespace,
-                        &names(service, namespace, hosts),
-                        secret,
-                    )
-                    .await
-                    {
+                    CertSource::SelfManaged(managed) => match managed.ensure(&client).await {
                         Ok((issued, bundle)) if issued.cert_pem != last_cert => {
                             last_cert = issued.cert_pem.clone();
-                            let published = publish_ca(&client, configuration, &bundle).await;
+                            let published =
+                                publish_ca(&client, &managed.configuration, &bundle).await;
                             config
                                 .reload_from_pem(
                                     issued.cert_pem.into_bytes(),
@@ -398,13 +387,13 @@ mod tests {
         api.put(&webhook_config);
         let (ctx, _server) = context(&api, &FakeTopics::default());
         let handle = axum_server::Handle::new();
-        let source = CertSource::SelfManaged {
+        let source = CertSource::SelfManaged(SelfManaged {
             namespace: "loupe-system".into(),
             service: "loupe".into(),
             hosts: vec!["127.0.0.1".into()],
             secret: "loupe-webhook-tls".into(),
             configuration: "loupe".into(),
-        };
+        });
         let server = tokio::spawn(serve(
             ctx,
             "127.0.0.1:0".parse().unwrap(),

@@ -72,6 +72,13 @@ fn agent(upstream: &str, log_dir: &std::path::Path, extra: &[&str]) -> Loupe {
     Loupe::spawn(&args, log_dir, &[], &["otlp-grpc", "otlp-http", "metrics"])
 }
 
+/// A standalone in `dir` and an agent in front of it (logging into `dir/agent`).
+fn standalone_behind_agent(dir: &std::path::Path, extra: &[&str]) -> (Loupe, Loupe) {
+    let standalone = Loupe::start(dir, &[]);
+    let agent = agent(&standalone.grpc, &dir.join("agent"), extra);
+    (standalone, agent)
+}
+
 async fn agent_metric(agent: &Loupe, name: &str) -> f64 {
     let text = reqwest::get(&agent.metrics_url)
         .await
@@ -100,10 +107,8 @@ async fn stored_ids(loupe: &Loupe) -> HashSet<String> {
 #[tokio::test]
 async fn sdk_spans_reach_loupe_through_the_agent_with_kubernetes_attributes() {
     let dir = tempfile::tempdir().unwrap();
-    let standalone = Loupe::start(dir.path(), &[]);
-    let agent = agent(
-        &standalone.grpc,
-        &dir.path().join("agent"),
+    let (standalone, agent) = standalone_behind_agent(
+        dir.path(),
         &[
             "--resource-attribute",
             "k8s.pod.name=web-7d9f-x2k4p,k8s.namespace.name=shop,service.name=not-this-one",
@@ -286,12 +291,7 @@ fn kept(trace_id: &str, ratio: f64) -> bool {
 #[tokio::test]
 async fn head_sampling_keeps_exactly_the_traces_its_ratio_selects() {
     let dir = tempfile::tempdir().unwrap();
-    let standalone = Loupe::start(dir.path(), &[]);
-    let agent = agent(
-        &standalone.grpc,
-        &dir.path().join("agent"),
-        &["--sampling-ratio", "0.25"],
-    );
+    let (standalone, agent) = standalone_behind_agent(dir.path(), &["--sampling-ratio", "0.25"]);
     let sent = python_send("grpc", &agent.grpc, 200);
     let want: HashSet<String> = sent.iter().filter(|t| kept(t, 0.25)).cloned().collect();
     assert!((20..80).contains(&want.len()), "{}", want.len());
