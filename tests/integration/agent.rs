@@ -72,6 +72,18 @@ fn agent(upstream: &str, log_dir: &std::path::Path, extra: &[&str]) -> Loupe {
     Loupe::spawn(&args, log_dir, &[], &["otlp-grpc", "otlp-http", "metrics"])
 }
 
+/// An agent (logging into `dir/agent`) whose upstream, on a free port, is not started
+/// yet: the port, and the agent.
+fn agent_before_its_upstream(dir: &std::path::Path, extra: &[&str]) -> (u16, Loupe) {
+    let port = free_port();
+    let agent = agent(
+        &format!("http://127.0.0.1:{port}"),
+        &dir.join("agent"),
+        extra,
+    );
+    (port, agent)
+}
+
 /// A standalone in `dir` and an agent in front of it (logging into `dir/agent`).
 fn standalone_behind_agent(dir: &std::path::Path, extra: &[&str]) -> (Loupe, Loupe) {
     let standalone = Loupe::start(dir, &[]);
@@ -80,13 +92,7 @@ fn standalone_behind_agent(dir: &std::path::Path, extra: &[&str]) -> (Loupe, Lou
 }
 
 async fn agent_metric(agent: &Loupe, name: &str) -> f64 {
-    let text = reqwest::get(&agent.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric(&text, name)
+    metric(&agent.metrics().await, name)
 }
 
 /// Waits until `loupe` stores exactly the traces `want`.
@@ -164,12 +170,7 @@ async fn sdk_spans_reach_loupe_through_the_agent_with_kubernetes_attributes() {
 #[tokio::test]
 async fn spans_wait_for_an_upstream_that_comes_back_and_none_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let agent = agent(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("agent"),
-        &[],
-    );
+    let (port, agent) = agent_before_its_upstream(dir.path(), &[]);
     // The upstream is away: the SDK's exports still succeed, the agent holds them.
     let first = python_send("grpc", &agent.grpc, 50);
     eventually(Duration::from_secs(10), || async {
@@ -188,12 +189,7 @@ async fn spans_wait_for_an_upstream_that_comes_back_and_none_is_lost() {
         200.0
     );
     assert_eq!(agent_metric(&agent, "loupe_agent_queue_bytes").await, 0.0);
-    let text = reqwest::get(&agent.metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = agent.metrics().await;
     assert!(
         !text.contains("reason=\"queue_full\""),
         "nothing dropped within the bound"
@@ -235,12 +231,7 @@ async fn an_upstream_that_goes_away_mid_stream_and_comes_back_loses_nothing() {
 #[tokio::test]
 async fn beyond_the_queue_bound_spans_are_dropped_counted_and_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let agent = agent(
-        &format!("http://127.0.0.1:{port}"),
-        &dir.path().join("agent"),
-        &["--max-queue-bytes", "8KiB"],
-    );
+    let (port, agent) = agent_before_its_upstream(dir.path(), &["--max-queue-bytes", "8KiB"]);
     let mut client = agent.grpc_client().await;
     let (mut accepted, mut rejected) = (Vec::new(), 0i64);
     for _ in 0..40 {
